@@ -1,0 +1,177 @@
+"""The compile driver behind `mmc compile` and `mmc.compile()`.
+
+    resolve MODEL (checkpoint dir or preset) -> export components to ONNX (models/<family>)
+    -> run the pass pipeline on each graph (PassManager) -> lower for the target
+    -> write the engine folder atomically (runtime/engine_format.py)
+
+Everything is staged in a temporary folder next to the output; the engine appears only when
+complete. `--dump-dir` gets the text IR after every pass and `report.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, ir, registry
+from .errors import MmcError
+from .pass_manager import PassManager, records_json
+
+log = logging.getLogger("mmc")
+
+TARGETS = ("ort",)
+PLANNED_TARGETS = ("cuda", "tensorrt")
+
+
+@dataclass
+class CompileResult:
+    engine: Path
+    records: list = field(default_factory=list)   # PassRecord per (component, pass)
+    nodes: dict = field(default_factory=dict)     # component -> (nodes after export, nodes in engine)
+
+
+def source_hash(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _signature(model) -> tuple[list[dict], list[dict]]:
+    import onnx
+
+    def entry(v):
+        tt = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None)
+                for d in tt.shape.dim]
+        return {"name": v.name, "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name,
+                "shape": dims}
+
+    return [entry(v) for v in model.graph.input], [entry(v) for v in model.graph.output]
+
+
+class _Progress:
+    """A tqdm bar on a terminal, silence otherwise (logs still go to the `mmc` logger)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="mmc compile", unit="step", leave=False, file=sys.stderr)
+
+    def step(self, what: str) -> None:
+        log.info("%s", what)
+        if self.bar is not None:
+            self.bar.set_postfix_str(what[:40])
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def default_output(model: str | None) -> Path:
+    from mmc.models import DEFAULT_PRESET
+
+    name = Path(str(model or DEFAULT_PRESET).rstrip("/")).name or "model"
+    return Path(f"{name}.mmc")
+
+
+def compile_model(model=None, *, output=None, passes="all", target: str = "ort", dump_dir=None,
+                  verify_each: bool = False, check: bool | None = None, exporter: str = "dynamo",
+                  pass_modules=(), progress: bool = True, seed: int = 0) -> CompileResult:
+    """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
+    from mmc.models import resolve
+    from mmc.runtime import engine_format as fmt
+
+    if target not in TARGETS:
+        hint = " (planned, not in this release)" if target in PLANNED_TARGETS else ""
+        raise MmcError(f"unknown target {target!r}{hint}; available: {', '.join(TARGETS)}")
+    for spec in pass_modules:
+        registry.load_pass_module(spec)
+    pipeline = registry.resolve_pipeline(passes)
+    model_dir, adapter, source = resolve(model)
+    output = Path(output) if output else default_output(model)
+    if output.exists() and not (output / fmt.MANIFEST).is_file():
+        raise MmcError(f"output {output} exists and is not an mmc engine; choose another -o")
+    dump = Path(dump_dir) if dump_dir else None
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+    run_check = bool(check) if check is not None else (verify_each or dump is not None)
+
+    bar = _Progress(total=3 + 2 * max(1, len(pipeline)), enabled=progress)
+    result = CompileResult(engine=output)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mmc-export-") as work, fmt.write_engine_dir(output) as stage:
+            work = Path(work)
+            bar.step(f"loading {source}")
+            torch_model = adapter.load_torch_model()
+            bar.step(f"exporting with the {exporter} exporter")
+            components = adapter.export(torch_model, work, exporter=exporter, seed=seed)
+            manager = PassManager(pipeline, dump_dir=dump, check=run_check, verify=verify_each,
+                                  stop_on_check_failure=verify_each, progress=bar.step)
+            manifest_components = {}
+            for comp in components:
+                graph = ir.load_graph(comp.path)
+                nodes_export = len(graph.nodes)
+                graph, records, _ = manager.run(comp.name, graph, comp.check_feeds)
+                result.records += records
+                model_proto = ir.to_model(graph)
+                rel = f"graphs/{comp.name}.onnx"
+                ir.save_model(model_proto, stage / rel)
+                inputs, outputs = _signature(model_proto)
+                manifest_components[comp.name] = {"graph": rel, "inputs": inputs, "outputs": outputs,
+                                                  "nodes": len(graph.nodes), "ops": ir.op_counts(graph)}
+                result.nodes[comp.name] = (nodes_export, len(graph.nodes))
+            bar.step("writing engine")
+            from safetensors.numpy import save_file
+
+            (stage / "weights").mkdir()
+            save_file(adapter.host_weights(torch_model), str(stage / "weights" / "host.safetensors"))
+            (stage / "assets").mkdir()
+            for f in adapter.asset_files():
+                shutil.copy2(f, stage / "assets" / f.name)
+            if dump is not None:
+                (dump / "report.json").write_text(json.dumps({
+                    "mmc_version": __version__, "model": source, "exporter": exporter,
+                    "pipeline": pipeline, "passes": records_json(result.records)}, indent=1))
+            fmt.write_manifest(stage, {
+                "mmc_version": __version__,
+                "source": {"id": source, "sha256": source_hash(model_dir), "family": adapter.family},
+                "exporter": exporter,
+                "passes": pipeline,
+                "quantization": None,
+                "target": target,
+                "target_info": {"runtime": "onnxruntime", "opset": int(model_proto.opset_import[0].version)},
+                "components": manifest_components,
+                "host": adapter.host_metadata(),
+                "host_weights": "weights/host.safetensors",
+                "assets": "assets",
+            })
+    finally:
+        bar.close()
+    return result
+
+
+def summary_lines(result: CompileResult) -> list[str]:
+    """The one-screen summary `mmc compile` prints: per component, what each pass changed."""
+    lines = []
+    for comp, (before, after) in result.nodes.items():
+        lines.append(f"{comp}: {before} -> {after} nodes")
+        for r in (r for r in result.records if r.component == comp):
+            hits = ", ".join(f"{k} {v}" for k, v in r.rewrites.items() if v) or "no change"
+            err = f"  max|Δ| {r.check['max_abs_err']:.2g}" if r.check else ""
+            lines.append(f"  {r.name:<16} {r.nodes_before:>5} -> {r.nodes_after:<5} {hits}{err}")
+    return lines

@@ -1,0 +1,227 @@
+"""The `mmc` command line: compile, passes, diff, inspect, run.
+
+Errors a user can fix (MmcError) print one line `mmc: error: ...` and exit 2; anything else is
+a bug in mmc and prints one line asking for --debug, which shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import MmcError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 3
+
+
+def _presets_help() -> str:
+    from mmc.models.qwen2_5_vl.presets import PRESETS
+
+    return "\n".join(f"  {name:<18} {p.summary}" for name, p in PRESETS.items())
+
+
+def cmd_compile(args) -> int:
+    from .api import compile_model, summary_lines
+
+    result = compile_model(
+        args.model, output=args.output, passes=args.passes, target=args.target, dump_dir=args.dump_dir,
+        verify_each=args.verify_each, check=args.check, exporter=args.exporter, pass_modules=args.pass_module,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        for line in summary_lines(result):
+            print(line, file=sys.stderr)
+    size = sum(f.stat().st_size for f in result.engine.rglob("*") if f.is_file())
+    print(f"wrote {result.engine} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from . import registry
+
+    for spec in args.pass_module:
+        registry.load_pass_module(spec)
+    passes = registry.registered()
+    print("passes (`--passes all` runs: " + ", ".join(registry.DEFAULT_PIPELINE) + ")")
+    for name, cls in sorted(passes.items()):
+        mark = "*" if name in registry.DEFAULT_PIPELINE else " "
+        print(f" {mark} {name:<18} {cls.summary}")
+    return 0
+
+
+def _dumps(dump_dir: Path) -> dict[str, list[Path]]:
+    comps = {}
+    for d in sorted(p for p in dump_dir.iterdir() if p.is_dir()):
+        files = sorted(d.glob("[0-9][0-9]-*.txt"))
+        if files:
+            comps[d.name] = files
+    return comps
+
+
+def cmd_diff(args) -> int:
+    dump = Path(args.dump_dir)
+    if not dump.is_dir():
+        raise MmcError(f"{dump} is not a dump directory (make one with `mmc compile --dump-dir {dump}`)")
+    comps = _dumps(dump)
+    if not comps:
+        raise MmcError(f"{dump} has no pass dumps (expected <component>/NN-<pass>.txt)")
+    names = {f.stem.split("-", 1)[1] for files in comps.values() for f in files}
+    if args.pass_name and args.pass_name not in names:
+        raise MmcError(f"no pass {args.pass_name!r} in {dump} (dumped: {', '.join(sorted(names))})")
+    shown = 0
+    for comp, files in comps.items():
+        for prev, cur in zip(files, files[1:]):
+            name = cur.stem.split("-", 1)[1]
+            if args.pass_name and name != args.pass_name:
+                continue
+            diff = list(difflib.unified_diff(prev.read_text().splitlines(), cur.read_text().splitlines(),
+                                             f"{comp}/{prev.name}", f"{comp}/{cur.name}", lineterm="", n=1))
+            if diff or args.pass_name:
+                print("\n".join(diff) if diff else f"# {comp}: pass {name} changed nothing")
+                shown += 1
+    if not shown:
+        print("# no pass changed anything")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from mmc.runtime.engine_format import read_manifest
+
+    m = read_manifest(args.engine, verify_hashes=True)
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    size = sum(f["bytes"] for f in m["files"].values())
+    print(f"engine      {args.engine}  (format {m['format_version']}, mmc {m.get('mmc_version')}, {size / 2**20:.1f} MiB, checksums ok)")
+    print(f"source      {m['source']['id']}  sha256 {m['source']['sha256'][:16]}…  family {m['source'].get('family')}")
+    print(f"target      {m['target']}  exporter {m.get('exporter')}  quantization {m.get('quantization') or 'none (fp32)'}")
+    print(f"passes      {', '.join(m['passes']) or '(none)'}")
+    for name, c in m["components"].items():
+        print(f"component   {name}: {c['graph']}  {c.get('nodes', '?')} nodes")
+        for io, key in (("in ", "inputs"), ("out", "outputs")):
+            sig = [s for s in c[key] if not s["name"].startswith(("past_", "present_"))]
+            kv = len(c[key]) - len(sig)
+            for s in sig:
+                print(f"    {io} {s['name']:<16} {s['dtype']:<8} {s['shape']}")
+            if kv:
+                print(f"    {io} ... {kv} KV-cache tensors ({'past' if key == 'inputs' else 'present'}_key/value_<layer>)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from mmc.runtime import load
+
+    engine = load(args.engine, device=args.device)
+    kwargs = dict(images=args.image, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.json:
+        r = engine.generate(args.prompt, **kwargs)
+        print(json.dumps({"token_ids": r.token_ids, "text": r.text}))
+        return 0
+    for chunk in engine.generate(args.prompt, stream=True, **kwargs):
+        print(chunk.text, end="", flush=True)
+    print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .api import TARGETS
+
+    p = argparse.ArgumentParser(
+        prog="mmc", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="mmc compiles vision-language models (Hugging Face checkpoints) into inference engines.",
+        epilog="examples:\n  mmc compile                       # the embedded tiny Qwen2.5-VL -> tiny-qwen2.5-vl.mmc\n"
+               "  mmc run tiny-qwen2.5-vl.mmc --prompt 'Describe the image.' --image cat.png\n"
+               "  mmc compile ./my-checkpoint --passes all --dump-dir dump && mmc diff dump cse",
+    )
+    p.add_argument("--version", action="version", version=f"mmc {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a checkpoint or preset into an engine",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Export MODEL to ONNX graphs, optimize them with passes, write an engine folder.",
+                       epilog="presets (built locally, nothing is downloaded):\n" + _presets_help())
+    c.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face checkpoint directory or preset name (default: tiny-qwen2.5-vl)")
+    c.add_argument("-o", "--output", help="engine folder to write (default: <model>.mmc)")
+    c.add_argument("--passes", default="all", help="'all' (default), 'none', or a comma list, e.g. all,my-pass")
+    c.add_argument("--target", default="ort", choices=TARGETS, help="backend the engine is for (default: ort)")
+    c.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"),
+                   help="torch ONNX exporter (default: dynamo; torchscript traces faster)")
+    c.add_argument("--dump-dir", help="write the text IR after every pass and report.json here")
+    c.add_argument("--verify-each", action="store_true",
+                   help="verify the graph and check its outputs after every pass; stop at the first that fails")
+    c.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="numerical before/after check per pass (default: on with --dump-dir/--verify-each)")
+    c.add_argument("--pass-module", action="append", default=[], metavar="MODULE",
+                   help="import a module or .py file that registers extra passes (repeatable)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(func=cmd_compile)
+
+    ps = sub.add_parser("passes", help="list the registered passes")
+    ps.add_argument("--pass-module", action="append", default=[], metavar="MODULE")
+    ps.set_defaults(func=cmd_passes)
+
+    d = sub.add_parser("diff", help="show what a pass changed, from a --dump-dir")
+    d.add_argument("dump_dir", metavar="DUMP_DIR")
+    d.add_argument("pass_name", nargs="?", metavar="PASS", help="one pass (default: every pass that changed something)")
+    d.set_defaults(func=cmd_diff)
+
+    i = sub.add_parser("inspect", help="show an engine's manifest and verify its checksums")
+    i.add_argument("engine", metavar="ENGINE")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="generate text with an engine")
+    r.add_argument("engine", metavar="ENGINE")
+    r.add_argument("--prompt", required=True, help="the prompt; '<image>' marks where each image goes")
+    r.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file (repeatable)")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    r.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="mmc: %(message)s")
+    if args.debug:
+        os.environ.setdefault("MMC_DEBUG", "1")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return args.func(args)
+    except MmcError as e:
+        if args.debug:
+            raise
+        print(f"mmc: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("mmc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"mmc: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

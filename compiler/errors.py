@@ -1,0 +1,13 @@
+"""The one exception type users see: `MmcError` carries a one-line message for the CLI.
+
+Anything raised as MmcError is bad input or an unmet precondition and is printed as
+`mmc: error: <message>` with a non-zero exit; any other exception is a bug in mmc.
+"""
+
+
+class MmcError(Exception):
+    """A user-facing error: the message is one line that says what is wrong and what to do."""
+
+
+class PassCheckError(MmcError):
+    """A pass changed what the graph computes beyond tolerance (raised by --verify-each)."""

@@ -1,0 +1,145 @@
+"""The IR: ONNX ModelProto <-> onnx-graphsurgeon Graph, plus a text form and a networkx view.
+
+Graphs are imported with their weights as gs Constants; models are saved with weights as ONNX
+external data in one file next to the graph (no 2 GB protobuf limit). `graph_text` renders a
+graph one node per line, weights summarized by dtype and shape, so two dumps diff cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx.external_data_helper import set_external_data
+
+MMC_DOMAIN = "mmc"
+
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # gs warns about every skipped fold
+DEFAULT_OPSET = 20
+
+
+def load_graph(path: str | Path) -> gs.Graph:
+    """Load an ONNX file (external data next to it) as a gs Graph."""
+    return gs.import_onnx(onnx.load(str(path), load_external_data=True))
+
+
+def to_model(graph: gs.Graph) -> onnx.ModelProto:
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def save_model(model: onnx.ModelProto, path: str | Path, data_name: str | None = None) -> list[str]:
+    """Write `model` to `path` with all weights in one external file; return the files written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = data_name or path.name + ".data"
+    if (path.parent / data_name).exists():
+        os.remove(path.parent / data_name)
+    # Mark big tensors external ourselves: onnx's own converter tests `location` against the
+    # current directory instead of the model's (a stray file in cwd makes it refuse).
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+            set_external_data(tensor, data_name)
+    onnx.save_model(model, str(path))
+    written = [path.name]
+    if (path.parent / data_name).exists():
+        written.append(data_name)
+    return written
+
+
+def model_weight_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return total
+
+
+def _dims(t: gs.Tensor) -> str:
+    if t.shape is None:
+        return "?"
+    return "[" + ",".join(str(d) for d in t.shape) + "]"
+
+
+def _dtype(t: gs.Tensor) -> str:
+    if t.dtype is None:
+        return "?"
+    try:
+        return np.dtype(t.dtype).name
+    except TypeError:
+        return str(t.dtype)
+
+
+def describe_value(t: gs.Tensor) -> str:
+    """`%name` for activations; `@name<dtype[shape]>` for weights (values of <=4 elements shown)."""
+    if isinstance(t, gs.Constant):
+        arr = t.values
+        if arr.size <= 4:
+            return f"@{t.name}<{_dtype(t)}{_dims(t)}={np.asarray(arr).reshape(-1).tolist()}>"
+        return f"@{t.name}<{_dtype(t)}{_dims(t)}>"
+    if not t.name:
+        return "%<none>"
+    return f"%{t.name}"
+
+
+def _attr_text(value) -> str:
+    if isinstance(value, gs.Constant | gs.Tensor):
+        return describe_value(value)
+    if isinstance(value, gs.Graph):
+        return f"<subgraph {value.name} {len(value.nodes)} nodes>"
+    if isinstance(value, np.ndarray):
+        return f"<{value.dtype.name}{list(value.shape)}>"
+    if isinstance(value, float):
+        return repr(float(np.float32(value)))
+    return repr(value)
+
+
+def node_line(node: gs.Node, origin: str = "export") -> str:
+    outs = ", ".join(f"%{o.name}: {_dtype(o)}{_dims(o)}" for o in node.outputs)
+    ins = ", ".join(describe_value(i) for i in node.inputs)
+    op = node.op if node.domain in ("", "ai.onnx", None) else f"{node.domain}.{node.op}"
+    attrs = ""
+    if node.attrs:
+        attrs = " {" + ", ".join(f"{k}={_attr_text(v)}" for k, v in sorted(node.attrs.items())) + "}"
+    return f"{outs} = {op}({ins}){attrs}  # by {origin}"
+
+
+def graph_text(graph: gs.Graph, origins: dict[str, str] | None = None) -> str:
+    """A readable, diffable text form of `graph`: signature, then one line per node."""
+    origins = origins or {}
+    lines = [f"graph {graph.name} (opset {graph.opset})"]
+    for t in graph.inputs:
+        lines.append(f"  input  %{t.name}: {_dtype(t)}{_dims(t)}")
+    for t in graph.outputs:
+        lines.append(f"  output %{t.name}: {_dtype(t)}{_dims(t)}")
+    weights = {t.name: t for n in graph.nodes for t in n.inputs if isinstance(t, gs.Constant)}
+    nbytes = sum(t.values.nbytes for t in weights.values())
+    lines.append(f"  weights: {len(weights)} tensors, {nbytes / 2**20:.2f} MiB")
+    lines += [node_line(n, origins.get(n.name, "export")) for n in graph.nodes]
+    return "\n".join(lines) + "\n"
+
+
+def op_counts(graph: gs.Graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        key = n.op if n.domain in ("", "ai.onnx", None) else f"{n.domain}.{n.op}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def to_networkx(graph: gs.Graph) -> nx.DiGraph:
+    """Node-level dataflow view: an edge u -> v when v reads a tensor that u produces."""
+    g = nx.DiGraph()
+    producer: dict[str, int] = {}
+    for i, n in enumerate(graph.nodes):
+        g.add_node(i, op=n.op, name=n.name)
+        for o in n.outputs:
+            producer[o.name] = i
+    for i, n in enumerate(graph.nodes):
+        for t in n.inputs:
+            if t.name in producer:
+                g.add_edge(producer[t.name], i, tensor=t.name)
+    return g

@@ -1,0 +1,259 @@
+"""Load an mmc engine and generate: vision once, prefill once, then one token per decode step.
+
+    prompt + images --processing--> input_ids, pixel_values, grid_thw
+        vision graph(pixels, indices)            -> image_embeds [N/4, H]
+        embed(input_ids), image rows <- image_embeds  -> inputs_embeds [B, S, H]
+        mrope_positions                          -> position_ids [3, B, S], rope delta
+        decoder(prefill: S tokens, empty cache)  -> logits, present K/V
+        loop: decoder(1 token per sequence, K/V fed back, position = last + 1) -> next token
+
+The K/V cache stays where the execution provider keeps it (ORT IO binding: on the GPU with the
+CUDA EP); only logits come back to the host for sampling. Batches are left-padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmc.errors import MmcError
+
+from . import engine_format as fmt
+from .processing import Processor
+from .sampling import SamplingParams, select
+from .vision_glue import mrope_positions, vision_indices
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class StreamChunk:
+    token_id: int
+    text: str  # the new text this token completes (may be empty mid-character)
+
+
+class Component:
+    """One graph of the engine in an ONNX Runtime session, run through IO binding."""
+
+    def __init__(self, root: Path, name: str, spec: dict, providers: list[str]):
+        import onnx
+        import onnxruntime as ort
+
+        self.name = name
+        path = fmt.inside(root, spec["graph"])
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:
+            raise fmt.EngineError(f"engine {root} is corrupt: {spec['graph']} is not a valid ONNX file ({type(e).__name__})") from e
+        for init in proto.graph.initializer:  # external data must stay inside the engine
+            for kv in init.external_data:
+                if kv.key == "location":
+                    fmt.inside(path.parent, kv.value)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:
+            raise fmt.EngineError(f"engine {root}: component {name!r} does not load in ONNX Runtime: "
+                                  f"{str(e).splitlines()[0][:200]}") from e
+        want = [i["name"] for i in spec["inputs"]]
+        have = [i.name for i in self.session.get_inputs()]
+        if want != have:
+            raise fmt.EngineError(f"engine {root}: component {name!r} graph inputs {have} do not match the manifest {want}")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def run(self, host_inputs: dict[str, np.ndarray], device_inputs: dict | None = None,
+            host_outputs: tuple[str, ...] = ()) -> dict:
+        """Run once. `device_inputs` are OrtValues (e.g. last step's K/V); outputs named in
+        `host_outputs` come back as numpy, the rest stay OrtValues on the device."""
+        binding = self.session.io_binding()
+        for k, v in host_inputs.items():
+            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for k, v in (device_inputs or {}).items():
+            binding.bind_ortvalue_input(k, v)
+        for k in self.output_names:
+            binding.bind_output(k, "cpu" if k in host_outputs else self.device)
+        self.session.run_with_iobinding(binding)
+        outs = dict(zip(self.output_names, binding.get_outputs()))
+        return {k: (v.numpy() if k in host_outputs else v) for k, v in outs.items()}
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise MmcError("device 'cuda' needs onnxruntime-gpu (pip install 'mmc[gpu]'); only CPU is available")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto":
+        return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+    raise MmcError(f"unknown device {device!r} (auto, cpu, cuda)")
+
+
+class Engine:
+    def __init__(self, path: str | Path, device: str = "auto", verify: bool = True):
+        self.root = Path(path)
+        self.manifest = fmt.read_manifest(self.root, verify_hashes=verify)
+        if self.manifest["target"] != "ort":
+            raise MmcError(f"engine {self.root} is for target {self.manifest['target']!r}; this runtime runs 'ort'")
+        self.host = self.manifest["host"]
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            self.embed_tokens = load_file(str(fmt.inside(self.root, self.manifest["host_weights"])))["embed_tokens"]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise fmt.EngineError(f"engine {self.root} is corrupt: host weights unreadable ({e})") from e
+        providers = _providers(device)
+        comps = self.manifest["components"]
+        for needed in ("vision", "decoder"):
+            if needed not in comps:
+                raise fmt.EngineError(f"engine {self.root} lacks the {needed!r} component")
+        self.vision = Component(self.root, "vision", comps["vision"], providers)
+        self.decoder = Component(self.root, "decoder", comps["decoder"], providers)
+        self.processor = Processor(fmt.inside(self.root, self.manifest["assets"]), self.host)
+        self.kv_names = [n for n in (i["name"] for i in comps["decoder"]["inputs"]) if n.startswith("past_")]
+
+    # ---- model steps --------------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
+        h = self.host
+        vi = vision_indices(grid_thw, h["spatial_merge_size"], h["window_size"], h["patch_size"])
+        feeds = {"pixel_values": pixel_values, "pos_hw": vi.pos_hw, "window_index": vi.window_index,
+                 "reverse_index": vi.reverse_index, "seg_full": vi.seg_full, "seg_window": vi.seg_window}
+        return self.vision.run(feeds, host_outputs=("image_embeds",))["image_embeds"]  # [N/4, H]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.embed_tokens[ids]  # [..., H]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        h = self.host
+        shape = (batch, h["num_kv_heads"], 0, h["head_dim"])
+        return {n: np.zeros(shape, dtype=np.float32) for n in self.kv_names}
+
+    def prefill(self, embeds, positions, mask):
+        # embeds [B, S, H]; positions [3, B, S]; mask [B, S] -> logits of the last position [B, V], K/V
+        out = self.decoder.run({"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask,
+                                **self.empty_cache(embeds.shape[0])}, host_outputs=("logits",))
+        return out["logits"][:, -1], self._present_as_past(out)
+
+    def decode_one_token(self, token_ids, positions, mask, cache):
+        # token_ids [B]; positions [3, B, 1]; mask [B, P+1]; cache: K/V of P positions
+        embeds = self.embed(token_ids)[:, None, :]  # [B, 1, H]
+        out = self.decoder.run({"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask},
+                               device_inputs=cache, host_outputs=("logits",))
+        return out["logits"][:, -1], self._present_as_past(out)
+
+    @staticmethod
+    def _present_as_past(out: dict) -> dict:
+        return {k.replace("present_", "past_", 1): v for k, v in out.items() if k.startswith("present_")}
+
+    # ---- generation ---------------------------------------------------------------------
+    def _prepare_batch(self, prompts: list[str], images: list[list]):
+        prepared = [self.processor.prepare(p, ims) for p, ims in zip(prompts, images)]
+        image_embeds = [None] * len(prepared)
+        pix = [p.pixel_values for p in prepared if p.pixel_values is not None]
+        if pix:
+            grids = np.concatenate([p.image_grid_thw for p in prepared])
+            all_embeds = self.encode_images(np.concatenate(pix), grids)
+            counts = [int(p.image_grid_thw.prod(-1).sum()) // self.host["spatial_merge_size"] ** 2 for p in prepared]
+            image_embeds = np.split(all_embeds, np.cumsum(counts)[:-1])
+        b, s = len(prepared), max(len(p.input_ids) for p in prepared)
+        pad = self.host.get("pad_token_id") or 0
+        embeds = np.zeros((b, s, self.host["hidden_size"]), dtype=np.float32)
+        positions = np.zeros((3, b, s), dtype=np.int64)
+        mask = np.zeros((b, s), dtype=np.int64)
+        next_pos = np.zeros(b, dtype=np.int64)
+        for i, p in enumerate(prepared):
+            n, off = len(p.input_ids), s - len(p.input_ids)  # left padding
+            e = self.embed(p.input_ids).copy()
+            is_image = p.input_ids == self.host["image_token_id"]
+            if is_image.any():
+                e[is_image] = image_embeds[i]
+            embeds[i, off:] = e
+            embeds[i, :off] = self.embed(np.asarray([pad]))
+            pos, delta = mrope_positions(p.input_ids, self.host["image_token_id"], p.image_grid_thw,
+                                         self.host["spatial_merge_size"])
+            positions[:, i, off:] = pos
+            positions[:, i, :off] = 1
+            mask[i, off:] = 1
+            next_pos[i] = n + delta
+        return prepared, embeds, positions, mask, next_pos
+
+    def _steps(self, prompts, images, max_new_tokens, params: SamplingParams, seed) -> Iterator[np.ndarray]:
+        """Yield the next token ids [B] per step (finished sequences repeat the pad id)."""
+        params.validate()
+        if max_new_tokens < 1:
+            raise MmcError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+        rng = np.random.default_rng(seed)
+        _, embeds, positions, mask, next_pos = self._prepare_batch(prompts, images)
+        eos = set(self.host.get("eos_token_ids") or [])
+        pad = self.host.get("pad_token_id") or 0
+        logits, cache = self.prefill(embeds, positions, mask)
+        done = np.zeros(len(prompts), dtype=bool)
+        for step in range(max_new_tokens):
+            tokens = np.where(done, pad, select(logits, params, rng))
+            yield tokens
+            done |= np.isin(tokens, list(eos))
+            if done.all() or step == max_new_tokens - 1:
+                return
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+            pos = np.broadcast_to(next_pos[None, :, None], (3, len(prompts), 1)).copy()
+            logits, cache = self.decode_one_token(tokens, pos, mask, cache)
+            next_pos += 1
+
+    def generate(self, prompt: str | list[str], images=None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stream: bool = False):
+        """Generate from one prompt (or a list, batched) with optional images.
+
+        images: for one prompt a list of paths/PIL images/arrays; for a list of prompts a list of
+        such lists. Returns GenerationResult (or a list of them); with stream=True (one prompt)
+        an iterator of StreamChunk.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if images is None:
+            images = [[] for _ in prompts]
+        elif single:
+            images = [list(images)]
+        if len(images) != len(prompts):
+            raise MmcError(f"{len(prompts)} prompts but {len(images)} image lists")
+        params = SamplingParams(do_sample, temperature, top_k, top_p)
+        steps = self._steps(prompts, images, max_new_tokens, params, seed)
+        if stream:
+            if not single:
+                raise MmcError("stream=True takes a single prompt")
+            return self._stream(steps)
+        eos = set(self.host.get("eos_token_ids") or [])
+        seqs: list[list[int]] = [[] for _ in prompts]
+        for tokens in steps:
+            for i, t in enumerate(tokens.tolist()):
+                if not seqs[i] or seqs[i][-1] not in eos:
+                    seqs[i].append(t)
+        results = [GenerationResult(s, self.processor.decode(s)) for s in seqs]
+        return results[0] if single else results
+
+    def _stream(self, steps) -> Iterator[StreamChunk]:
+        ids: list[int] = []
+        text = ""
+        for tokens in steps:
+            ids.append(int(tokens[0]))
+            full = self.processor.decode(ids)
+            delta, text = full[len(text):], full if not full.endswith("\ufffd") else text
+            yield StreamChunk(ids[-1], "" if full.endswith("\ufffd") else delta)
+
+
+def load(path: str | Path, device: str = "auto", verify: bool = True) -> Engine:
+    """Load an engine folder written by `mmc compile`."""
+    return Engine(path, device=device, verify=verify)
