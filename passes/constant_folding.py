@@ -24,7 +24,7 @@ SIZE_LIMIT = 16 << 20  # bytes: do not materialize bigger folded tensors
 
 
 def _constant_ops(graph: gs.Graph) -> int:
-    return sum(1 for n in graph.nodes if n.op == "Constant" and n.domain in ("", "ai.onnx"))
+    return sum(1 for n in graph.nodes if n.op == "Constant" and (n.domain or "") in ("", "ai.onnx"))
 
 
 @register_pass(default=True)

@@ -22,7 +22,7 @@ def bypass_identities(graph: gs.Graph) -> int:
     outputs = {t.name for t in graph.outputs}
     hits = 0
     for node in graph.nodes:
-        if node.op != "Identity" or node.domain not in ("", "ai.onnx") or node.outputs[0].name in outputs:
+        if node.op != "Identity" or (node.domain or "") not in ("", "ai.onnx") or node.outputs[0].name in outputs:
             continue
         src, dst = node.inputs[0], node.outputs[0]
         for consumer in list(dst.outputs):
