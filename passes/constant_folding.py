@@ -33,6 +33,9 @@ class ConstantFolding:
     summary = "evaluate constant subgraphs (incl. static Shape arithmetic) at compile time"
 
     def run(self, graph: gs.Graph, ctx) -> PassResult:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)  # the folder's sessions warn about every Unsqueeze they keep
         nodes_before = len(graph.nodes)
         constant_ops = _constant_ops(graph)
         graph.fold_constants(fold_shapes=True, size_threshold=SIZE_LIMIT, error_ok=True)

@@ -245,13 +245,23 @@ class Engine:
         return results[0] if single else results
 
     def _stream(self, steps) -> Iterator[StreamChunk]:
+        """Text deltas per token; a token ending mid-character waits for the next one, and the
+        last chunk carries whatever remains, so the chunks always join to the decoded text."""
         ids: list[int] = []
-        text = ""
+        emitted = ""
+        pending = None
         for tokens in steps:
+            if pending is not None:
+                yield pending
             ids.append(int(tokens[0]))
             full = self.processor.decode(ids)
-            delta, text = full[len(text):], full if not full.endswith("\ufffd") else text
-            yield StreamChunk(ids[-1], "" if full.endswith("\ufffd") else delta)
+            stable = full.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD
+            delta = stable[len(emitted):] if stable.startswith(emitted) else ""
+            emitted += delta
+            pending = StreamChunk(ids[-1], delta)
+        if pending is not None:
+            full = self.processor.decode(ids)
+            yield StreamChunk(pending.token_id, pending.text + full[len(emitted):])
 
 
 def load(path: str | Path, device: str = "auto", verify: bool = True) -> Engine:
