@@ -174,4 +174,6 @@ def summary_lines(result: CompileResult) -> list[str]:
             hits = ", ".join(f"{k} {v}" for k, v in r.rewrites.items() if v) or "no change"
             err = f"  max|Δ| {r.check['max_abs_err']:.2g}" if r.check else ""
             lines.append(f"  {r.name:<16} {r.nodes_before:>5} -> {r.nodes_after:<5} {hits}{err}")
+            for rule, miss in r.near_misses.items():
+                lines.append(f"    not fired: {rule} (nearest: {miss['node']}: {miss['reason']})")
     return lines

@@ -23,8 +23,18 @@ DEFAULT_OPSET = 20
 
 
 def load_graph(path: str | Path) -> gs.Graph:
-    """Load an ONNX file (external data next to it) as a gs Graph."""
-    return gs.import_onnx(onnx.load(str(path), load_external_data=True))
+    """Load an ONNX file (external data next to it) as a gs Graph, with inferred dtypes/shapes
+    on every value (the TorchScript exporter leaves intermediate values untyped)."""
+    return import_model(onnx.load(str(path), load_external_data=True))
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """ModelProto -> gs Graph after ONNX shape inference (dtypes and shapes on every value)."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError):
+        pass  # >2 GB or an op without inference: passes fall back to what the exporter recorded
+    return gs.import_onnx(model)
 
 
 def to_model(graph: gs.Graph) -> onnx.ModelProto:

@@ -29,6 +29,7 @@ class PassContext:
 
     component: str
     origins: dict[str, str] = field(default_factory=dict)  # node name -> pass that created it
+    near_misses: dict[str, dict] = field(default_factory=dict)  # rule -> nearest miss, this pass
     current_pass: str = "export"
     _counter: int = 0
 
@@ -56,6 +57,7 @@ class PassRecord:
     op_delta: dict[str, int]
     seconds: float
     check: dict | None = None
+    near_misses: dict = field(default_factory=dict)  # rules that fired zero times: where and why
 
 
 def _op_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -97,6 +99,7 @@ class PassManager:
                 self.progress(f"{component}: {name}")
             p = registry.create(name)
             ctx.current_pass = name
+            ctx.near_misses = {}
             before_counts = ir.op_counts(graph)
             nodes_before = len(graph.nodes)
             before_model = ir.to_model(graph) if self.check and feeds else None
@@ -114,6 +117,7 @@ class PassManager:
                 name=name, component=component, index=index, modified=bool(result.modified),
                 rewrites=dict(result.stats), nodes_before=nodes_before, nodes_after=len(graph.nodes),
                 op_delta=_op_delta(before_counts, ir.op_counts(graph)), seconds=round(seconds, 4),
+                near_misses=dict(ctx.near_misses),
             )
             if before_model is not None:
                 res = compare_models(before_model, ir.to_model(graph), feeds)

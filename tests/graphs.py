@@ -21,9 +21,7 @@ def fvi(name, shape):
 
 
 def to_graph(m):
-    import onnx_graphsurgeon as gs
-
-    return gs.import_onnx(m)
+    return ir.import_model(m)
 
 
 def random_feeds(m, rng, **dims):

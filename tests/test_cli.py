@@ -26,7 +26,7 @@ def test_readme_quickstart_compiles_and_runs_the_default(tmp_path):
     assert proc.stdout.strip(), "mmc run printed nothing"
     manifest = json.loads((engine / "manifest.json").read_text())
     assert manifest["source"]["id"] == "preset:tiny-qwen2.5-vl"
-    assert manifest["passes"] == ["fold-constants", "cse", "dce"]
+    assert manifest["passes"] == ["fold-constants", "canonicalize", "cse", "dce"]
 
 
 def test_help_reads_well():
@@ -56,7 +56,7 @@ def test_report_and_diff(engine_all):
         assert key in rec
     assert set(rec["check"]) >= {"max_abs_err", "within_tolerance"}
     files = sorted(p.name for p in (dump / "decoder").iterdir())
-    assert files == ["00-export.txt", "01-fold-constants.txt", "02-cse.txt", "03-dce.txt"]
+    assert files == ["00-export.txt", "01-fold-constants.txt", "02-canonicalize.txt", "03-cse.txt", "04-dce.txt"]
     first = (dump / "decoder" / "00-export.txt").read_text().splitlines()
     assert first[0].startswith("graph ") and any("input  %inputs_embeds" in line for line in first)
     assert all("# by " in line for line in first if " = " in line)

@@ -62,7 +62,7 @@ def test_readme_pass_runs_in_the_pipeline(user_pass_file, tiny_dir, engine_all, 
     diff = run_mmc("diff", dump, "square-to-mul").stdout
     assert "+" in diff and "Mul(" in diff and "# by square-to-mul" in diff
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["passes"] == ["fold-constants", "cse", "dce", "square-to-mul"]
+    assert manifest["passes"] == ["fold-constants", "canonicalize", "cse", "dce", "square-to-mul"]
     from mmc.runtime import load
 
     prompt = "Describe the quick brown fox."

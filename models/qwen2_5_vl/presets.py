@@ -125,7 +125,6 @@ def build_checkpoint(name: str, out_dir: str | Path) -> Path:
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
