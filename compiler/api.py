@@ -106,8 +106,13 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     output = Path(output) if output else default_output(model)
     if output.exists() and not (output / fmt.MANIFEST).is_file():
         raise MmcError(f"output {output} exists and is not an mmc engine; choose another -o")
+    for parent in output.resolve().parents:
+        if parent.exists() and not parent.is_dir():
+            raise MmcError(f"cannot write {output}: {parent} is a file")
     dump = Path(dump_dir) if dump_dir else None
     if dump is not None:
+        if dump.exists() and not dump.is_dir():
+            raise MmcError(f"--dump-dir {dump} is a file")
         dump.mkdir(parents=True, exist_ok=True)
     run_check = bool(check) if check is not None else (verify_each or dump is not None)
 
@@ -143,6 +148,9 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             (stage / "assets").mkdir()
             for f in adapter.asset_files():
                 shutil.copy2(f, stage / "assets" / f.name)
+            from mmc.runtime.processing import Processor
+
+            Processor(stage / "assets", adapter.host_metadata())  # fail now, not at the first `mmc run`
             if dump is not None:
                 (dump / "report.json").write_text(json.dumps({
                     "mmc_version": __version__, "model": source, "exporter": exporter,

@@ -210,8 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     except MmcError as e:
         if args.debug:
             raise
-        print(f"mmc: error: {e}", file=sys.stderr)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mmc: error: {first}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `mmc diff D | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("mmc: interrupted", file=sys.stderr)
         return 130

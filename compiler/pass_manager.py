@@ -87,6 +87,9 @@ class PassManager:
             return
         d = self.dump_dir / component
         d.mkdir(parents=True, exist_ok=True)
+        if index == 0:  # a reused dump dir must not mix in another compile's passes
+            for old in d.glob("[0-9][0-9]-*.txt"):
+                old.unlink()
         (d / f"{index:02d}-{name}.txt").write_text(ir.graph_text(graph, ctx.origins))
 
     def run(self, component: str, graph: gs.Graph, feeds: list[dict[str, np.ndarray]] | None = None):

@@ -73,6 +73,8 @@ def load_pass_module(spec: str) -> None:
         if not path.is_file():
             raise MmcError(f"pass module {spec} does not exist")
         mod_name = f"mmc_user_passes_{path.stem}"
+        if mod_name in sys.modules and Path(sys.modules[mod_name].__file__).resolve() == path.resolve():
+            return  # already loaded
         s = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(s)
         sys.modules[mod_name] = module

@@ -35,7 +35,7 @@ class GenerationResult:
 
 @dataclass
 class StreamChunk:
-    token_id: int
+    token_id: int | None  # None: a final chunk flushing text the last token left incomplete
     text: str  # the new text this token completes (may be empty mid-character)
 
 
@@ -192,7 +192,10 @@ class Engine:
 
     def _steps(self, prompts, images, max_new_tokens, params: SamplingParams, seed) -> Iterator[np.ndarray]:
         """Yield the next token ids [B] per step (finished sequences repeat the pad id)."""
-        params.validate()
+        if params.do_sample:
+            params.validate()
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise MmcError(f"seed must be a non-negative integer (got {seed!r})")
         if max_new_tokens < 1:
             raise MmcError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
         rng = np.random.default_rng(seed)
@@ -226,7 +229,7 @@ class Engine:
         if images is None:
             images = [[] for _ in prompts]
         elif single:
-            images = [list(images)]
+            images = [[images]] if isinstance(images, str | Path) else [list(images)]
         if len(images) != len(prompts):
             raise MmcError(f"{len(prompts)} prompts but {len(images)} image lists")
         params = SamplingParams(do_sample, temperature, top_k, top_p)
@@ -245,23 +248,20 @@ class Engine:
         return results[0] if single else results
 
     def _stream(self, steps) -> Iterator[StreamChunk]:
-        """Text deltas per token; a token ending mid-character waits for the next one, and the
-        last chunk carries whatever remains, so the chunks always join to the decoded text."""
+        """Text deltas per token, yielded as each token arrives; a token ending mid-character
+        waits for the next one, and a final chunk (token_id None) flushes any remainder, so the
+        chunks always join to the decoded text."""
         ids: list[int] = []
         emitted = ""
-        pending = None
         for tokens in steps:
-            if pending is not None:
-                yield pending
             ids.append(int(tokens[0]))
-            full = self.processor.decode(ids)
-            stable = full.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes as U+FFFD
+            stable = self.processor.decode(ids).rstrip("\ufffd")  # incomplete UTF-8 decodes as U+FFFD
             delta = stable[len(emitted):] if stable.startswith(emitted) else ""
             emitted += delta
-            pending = StreamChunk(ids[-1], delta)
-        if pending is not None:
-            full = self.processor.decode(ids)
-            yield StreamChunk(pending.token_id, pending.text + full[len(emitted):])
+            yield StreamChunk(ids[-1], delta)
+        full = self.processor.decode(ids)
+        if full != emitted:
+            yield StreamChunk(None, full[len(emitted):] if full.startswith(emitted) else full)
 
 
 def load(path: str | Path, device: str = "auto", verify: bool = True) -> Engine:

@@ -71,6 +71,9 @@ def write_engine_dir(out: Path):
         yield tmp
         if not (tmp / MANIFEST).is_file():
             raise EngineError("internal: engine folder was not finished (no manifest)")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
         backup = None
         if out.exists():
             if not (out / MANIFEST).exists() and any(out.iterdir()):
@@ -109,17 +112,28 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> dict:
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise EngineError(f"engine {root} is corrupt: {MANIFEST} has no format_version")
     version = manifest["format_version"]
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise EngineError(f"engine {root} is corrupt: format_version {version!r} is not an integer")
     if version > FORMAT_VERSION:
         raise EngineError(
             f"engine {root} has format version {version}, newer than this mmc supports ({FORMAT_VERSION}); "
             f"upgrade mmc (engine written by mmc {manifest.get('mmc_version', '?')})")
-    for key in ("components", "files", "target"):
-        if key not in manifest:
-            raise EngineError(f"engine {root} is corrupt: {MANIFEST} lacks {key!r}")
+    for key, kind in (("components", dict), ("files", dict), ("target", str), ("host", dict),
+                      ("host_weights", str), ("assets", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise EngineError(f"engine {root} is corrupt: {MANIFEST} lacks {key!r} or it is not a {kind.__name__}")
+    for name, comp in manifest["components"].items():
+        if not isinstance(comp, dict) or not isinstance(comp.get("graph"), str) or not all(
+                isinstance(comp.get(k), list) for k in ("inputs", "outputs")):
+            raise EngineError(f"engine {root} is corrupt: component {name!r} lacks graph/inputs/outputs")
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
+    unlisted = sorted(on_disk - set(manifest["files"]))
+    if unlisted:
+        raise EngineError(f"engine {root} is corrupt: {unlisted[0]} is not listed in its manifest")
     for rel, info in manifest["files"].items():
         p = inside(root, rel)
+        if not isinstance(info, dict):
+            raise EngineError(f"engine {root} is corrupt: file entry {rel!r} is not an object")
         if not p.is_file():
             raise EngineError(f"engine {root} is incomplete: {rel} is missing")
         if p.stat().st_size != info.get("bytes"):

@@ -36,7 +36,11 @@ def load_image(image):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise MmcError(f"image array must be HxWx3 (got shape {image.shape})")
         return Image.fromarray(image.astype(np.uint8)).convert("RGB")
+    if not isinstance(image, str | Path):
+        raise MmcError(f"an image must be a path, PIL image or HxWx3 array (got {type(image).__name__})")
     path = Path(image)
+    if path.is_dir():
+        raise MmcError(f"image {path} is a directory, not an image file")
     if not path.is_file():
         raise MmcError(f"image {path} does not exist")
     try:
@@ -52,10 +56,14 @@ class Processor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.host = host
-        self.tokenizer = AutoTokenizer.from_pretrained(str(assets))
-        self.image_processor = None
-        if (assets / "preprocessor_config.json").is_file():
-            self.image_processor = AutoImageProcessor.from_pretrained(str(assets))
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(assets))
+            self.image_processor = None
+            if (assets / "preprocessor_config.json").is_file():
+                self.image_processor = AutoImageProcessor.from_pretrained(str(assets))
+        except Exception as e:  # transformers raises many types for missing/broken files
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            raise MmcError(f"tokenizer/image processor in {assets} cannot be loaded ({type(e).__name__}: {msg})") from e
         vocab = self.tokenizer.get_vocab()
         self.image_pad = "<|image_pad|>"
         self.vision_start = "<|vision_start|>"
@@ -84,9 +92,15 @@ class Processor:
             raise MmcError("this engine has no image processor; it cannot take images")
         pixel_values, grid = None, np.zeros((0, 3), dtype=np.int64)
         if images:
-            out = self.image_processor(images=images, return_tensors="np")
+            try:
+                out = self.image_processor(images=images, return_tensors="np")
+            except ValueError as e:  # e.g. extreme aspect ratios the processor refuses
+                raise MmcError(f"image rejected by the model's processor: {str(e).splitlines()[0]}") from e
             pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
             grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+        for special in (self.image_pad, self.vision_start, self.vision_end, "<|video_pad|>"):
+            if special in prompt:
+                raise MmcError(f"the prompt contains the reserved token {special}; mark images with {IMAGE_MARKER}")
         text = self.format_prompt(prompt, len(images))
         merge2 = self.host["spatial_merge_size"] ** 2
         pieces = text.split(self.image_pad)

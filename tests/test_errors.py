@@ -100,3 +100,49 @@ def test_debug_shows_traceback(engine_copy):
     (engine_copy / "manifest.json").write_text("{not json")
     proc = run_mmc("--debug", "run", engine_copy, "--prompt", "hi", check_ok=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("breakage", ["no-host", "graph-not-str", "version-zero", "version-bool", "unlisted-file"])
+def test_malformed_manifest_is_corrupt_not_internal(engine_copy, breakage):
+    m = json.loads((engine_copy / "manifest.json").read_text())
+    if breakage == "no-host":
+        del m["host"]
+    elif breakage == "graph-not-str":
+        m["components"]["vision"]["graph"] = ["x"]
+    elif breakage == "version-zero":
+        m["format_version"] = 0
+    elif breakage == "version-bool":
+        m["format_version"] = True
+    else:
+        (engine_copy / "assets" / "extra.json").write_text("{}")
+    (engine_copy / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(run_engine(engine_copy), "corrupt")
+
+
+def test_bad_prompts_images_and_seeds(engine_all, tmp_path):
+    from PIL import Image
+
+    assert_one_line_error(run_mmc("run", engine_all, "--prompt", "<|image_pad|>", check_ok=False), "reserved token")
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (300, 1)).save(thin)
+    assert_one_line_error(run_engine(engine_all, "--image", thin), "processor")
+    assert_one_line_error(run_engine(engine_all, "--image", tmp_path), "directory")
+    assert_one_line_error(run_engine(engine_all, "--do-sample", "--seed", "-1"), "seed")
+
+
+def test_bad_checkpoints_fail_at_compile(tiny_dir, tmp_path):
+    broken = tmp_path / "trunc"
+    shutil.copytree(tiny_dir, broken)
+    w = next(broken.glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:100])
+    assert_one_line_error(run_mmc("compile", broken, "-o", tmp_path / "a.mmc", check_ok=False), "cannot load")
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_dir, notok)
+    (notok / "tokenizer.json").unlink()
+    (notok / "tokenizer_config.json").unlink()
+    assert_one_line_error(run_mmc("compile", notok, "--exporter", "torchscript", "-o", tmp_path / "b.mmc",
+                                  check_ok=False), "tokenizer")
+    assert not (tmp_path / "b.mmc").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_one_line_error(run_mmc("compile", tiny_dir, "-o", afile / "x.mmc", check_ok=False), "is a file")

@@ -31,8 +31,10 @@ def test_exported_graphs_match_torch(exporter, adapter, hf_model, tmp_path):
     wrapper = TextDecoder(hf_model).eval()
     names, outs = eg.decoder_io(meta["num_layers"])
     table = hf_model.model.language_model.embed_tokens.weight.detach().numpy()
-    for b, s, p in [(1, 7, 0), (3, 1, 9), (2, 5, 2)]:  # traced at (2, 3, 4)
+    for b, s, p in [(1, 7, 0), (3, 1, 9), (2, 5, 2), (2, 4, 3)]:  # traced at (2, 3, 4)
         feeds = eg.decoder_arrays(meta, b, s, p, rng)
+        if (b, s, p) == (2, 4, 3):
+            feeds["attention_mask"][1, :2] = 0  # left padding: row 1's first two cache slots are masked
         feeds["inputs_embeds"] = table[rng.integers(0, len(table), (b, s))]  # what the runtime feeds
         for n in names[3:]:
             feeds[n] *= 0.5  # K/V at the scale this model's layers produce

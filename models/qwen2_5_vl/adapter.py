@@ -39,6 +39,9 @@ class Qwen25VLAdapter:
     family = "qwen2_5_vl"
 
     def __init__(self, model_dir: Path, config: dict):
+        for key in ("vision_config", "image_token_id"):
+            if key not in config:
+                raise MmcError(f"{model_dir}/config.json lacks {key!r}: not a complete Qwen2.5-VL config")
         self.model_dir = model_dir
         self.config = config
         self.text = config["text_config"] if "text_config" in config else config
@@ -80,9 +83,12 @@ class Qwen25VLAdapter:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            self.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        try:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                self.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        except Exception as e:  # safetensors/transformers raise many types for a broken checkpoint
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise MmcError(f"cannot load the checkpoint in {self.model_dir}: {type(e).__name__}: {msg}") from e
         return model.eval()
 
     def host_weights(self, model) -> dict[str, np.ndarray]:
