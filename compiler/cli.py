@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import MmcError
+from .errors import MmcError, first_line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     except MmcError as e:
         if args.debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mmc: error: {first}", file=sys.stderr)
+        print(f"mmc: error: {first_line(e, limit=10_000) or type(e).__name__}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `mmc diff D | head`
         sys.stderr.close()
@@ -222,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"mmc: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"mmc: internal error: {type(e).__name__}: {first_line(e, limit=10_000)} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
 
 

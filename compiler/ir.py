@@ -60,6 +60,14 @@ def save_model(model: onnx.ModelProto, path: str | Path, data_name: str | None =
     return written
 
 
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads `old` read `new` instead (graph outputs are not touched)."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+
+
 def model_weight_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for init in model.graph.initializer:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .ir import replace_uses
+
 
 class Pattern:
     pass
@@ -215,8 +217,5 @@ def bypass(graph: gs.Graph, node: gs.Node, value: gs.Tensor, ctx=None) -> None:
     if any(o is old for o in graph.outputs):
         rewrite_root(node, "Identity", [value], ctx=ctx)
         return
-    for consumer in list(old.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is old:
-                consumer.inputs[i] = value
+    replace_uses(old, value)
     node.outputs.clear()

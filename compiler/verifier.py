@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import MmcError
+from .errors import MmcError, first_line
 
 
 class VerifyError(MmcError):
@@ -52,8 +52,7 @@ def verify_model(model: onnx.ModelProto, where: str = "") -> None:
         onnx.checker.check_model(model)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VerifyError(f"{prefix}ONNX check failed: {first}") from e
+        raise VerifyError(f"{prefix}ONNX check failed: {first_line(e, limit=10_000) or type(e).__name__}") from e
 
 
 def verify(graph: gs.Graph, where: str = "") -> onnx.ModelProto:

@@ -21,6 +21,7 @@ import hashlib
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from mmc.ir import replace_uses
 from mmc.registry import PassResult, register_pass
 
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
@@ -59,13 +60,6 @@ class _Keys:
         return first
 
 
-def _replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
-    for consumer in list(old.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is old:
-                consumer.inputs[i] = new
-
-
 @register_pass(default=True)
 class CommonSubexpressionElimination:
     name = "cse"
@@ -93,7 +87,7 @@ class CommonSubexpressionElimination:
             if twin is node:
                 continue
             for mine, theirs in zip(node.outputs, twin.outputs):
-                _replace_uses(mine, theirs)
+                replace_uses(mine, theirs)
             node.outputs.clear()
             merged += 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from mmc.ir import replace_uses
 from mmc.registry import PassResult, register_pass
 
 
@@ -24,11 +25,7 @@ def bypass_identities(graph: gs.Graph) -> int:
     for node in graph.nodes:
         if node.op != "Identity" or (node.domain or "") not in ("", "ai.onnx") or node.outputs[0].name in outputs:
             continue
-        src, dst = node.inputs[0], node.outputs[0]
-        for consumer in list(dst.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is dst:
-                    consumer.inputs[i] = src
+        replace_uses(node.outputs[0], node.inputs[0])
         node.outputs.clear()
         hits += 1
     return hits

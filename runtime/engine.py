@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmc.errors import MmcError
+from mmc.errors import MmcError, first_line
 
 from . import engine_format as fmt
 from .processing import Processor
@@ -62,7 +62,7 @@ class Component:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:
             raise fmt.EngineError(f"engine {root}: component {name!r} does not load in ONNX Runtime: "
-                                  f"{str(e).splitlines()[0][:200]}") from e
+                                  f"{first_line(e)}") from e
         want = [i["name"] for i in spec["inputs"]]
         have = [i.name for i in self.session.get_inputs()]
         if want != have:

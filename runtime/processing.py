@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmc.errors import MmcError
+from mmc.errors import MmcError, first_line
 
 IMAGE_MARKER = "<image>"
 
@@ -48,7 +48,7 @@ def load_image(image):
             im.load()
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise MmcError(f"image {path} cannot be decoded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'bad data'})") from e
+        raise MmcError(f"image {path} cannot be decoded ({type(e).__name__}: {first_line(e) or 'bad data'})") from e
 
 
 class Processor:
@@ -62,8 +62,8 @@ class Processor:
             if (assets / "preprocessor_config.json").is_file():
                 self.image_processor = AutoImageProcessor.from_pretrained(str(assets))
         except Exception as e:  # transformers raises many types for missing/broken files
-            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            raise MmcError(f"tokenizer/image processor in {assets} cannot be loaded ({type(e).__name__}: {msg})") from e
+            raise MmcError(f"tokenizer/image processor in {assets} cannot be loaded "
+                           f"({type(e).__name__}: {first_line(e, limit=160)})") from e
         vocab = self.tokenizer.get_vocab()
         self.image_pad = "<|image_pad|>"
         self.vision_start = "<|vision_start|>"
@@ -95,7 +95,7 @@ class Processor:
             try:
                 out = self.image_processor(images=images, return_tensors="np")
             except ValueError as e:  # e.g. extreme aspect ratios the processor refuses
-                raise MmcError(f"image rejected by the model's processor: {str(e).splitlines()[0]}") from e
+                raise MmcError(f"image rejected by the model's processor: {first_line(e, limit=10_000)}") from e
             pixel_values = np.asarray(out["pixel_values"], dtype=np.float32)
             grid = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
         for special in (self.image_pad, self.vision_start, self.vision_end, "<|video_pad|>"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmc.errors import MmcError
+from mmc.errors import MmcError, first_line
 
 ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.json",
@@ -87,8 +87,7 @@ class Qwen25VLAdapter:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 self.model_dir, dtype=torch.float32, attn_implementation="sdpa")
         except Exception as e:  # safetensors/transformers raise many types for a broken checkpoint
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            raise MmcError(f"cannot load the checkpoint in {self.model_dir}: {type(e).__name__}: {msg}") from e
+            raise MmcError(f"cannot load the checkpoint in {self.model_dir}: {type(e).__name__}: {first_line(e)}") from e
         return model.eval()
 
     def host_weights(self, model) -> dict[str, np.ndarray]:
