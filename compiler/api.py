@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__, ir, registry
 from .errors import MmcError
+from .lowering import lower_graph
 from .pass_manager import PassManager, records_json
 
 log = logging.getLogger("mmc")
@@ -91,7 +92,7 @@ def default_output(model: str | None) -> Path:
 
 def compile_model(model=None, *, output=None, passes="all", target: str = "ort", dump_dir=None,
                   verify_each: bool = False, check: bool | None = None, exporter: str = "dynamo",
-                  pass_modules=(), progress: bool = True, seed: int = 0) -> CompileResult:
+                  opset: int | None = None, pass_modules=(), progress: bool = True, seed: int = 0) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
     from mmc.runtime import engine_format as fmt
@@ -124,7 +125,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             bar.step(f"loading {source}")
             torch_model = adapter.load_torch_model()
             bar.step(f"exporting with the {exporter} exporter")
-            components = adapter.export(torch_model, work, exporter=exporter, seed=seed)
+            components = adapter.export(torch_model, work, exporter=exporter, seed=seed, opset=opset)
             manager = PassManager(pipeline, dump_dir=dump, check=run_check, verify=verify_each,
                                   stop_on_check_failure=verify_each, progress=bar.step)
             manifest_components = {}
@@ -133,12 +134,15 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 nodes_export = len(graph.nodes)
                 graph, records, _ = manager.run(comp.name, graph, comp.check_feeds)
                 result.records += records
+                fused_ops = {k: v for k, v in ir.op_counts(graph).items() if k.startswith("mmc.")}
+                graph = lower_graph(graph, target)
                 model_proto = ir.to_model(graph)
                 rel = f"graphs/{comp.name}.onnx"
                 ir.save_model(model_proto, stage / rel)
                 inputs, outputs = _signature(model_proto)
                 manifest_components[comp.name] = {"graph": rel, "inputs": inputs, "outputs": outputs,
-                                                  "nodes": len(graph.nodes), "ops": ir.op_counts(graph)}
+                                                  "nodes": len(graph.nodes), "ops": ir.op_counts(graph),
+                                                  "fused_ops": fused_ops}
                 result.nodes[comp.name] = (nodes_export, len(graph.nodes))
             bar.step("writing engine")
             from safetensors.numpy import save_file
@@ -153,7 +157,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             Processor(stage / "assets", adapter.host_metadata())  # fail now, not at the first `mmc run`
             if dump is not None:
                 (dump / "report.json").write_text(json.dumps({
-                    "mmc_version": __version__, "model": source, "exporter": exporter,
+                    "mmc_version": __version__, "model": source, "exporter": exporter, "opset": opset,
                     "pipeline": pipeline, "passes": records_json(result.records)}, indent=1))
             fmt.write_manifest(stage, {
                 "mmc_version": __version__,

@@ -32,7 +32,7 @@ def cmd_compile(args) -> int:
 
     result = compile_model(
         args.model, output=args.output, passes=args.passes, target=args.target, dump_dir=args.dump_dir,
-        verify_each=args.verify_each, check=args.check, exporter=args.exporter, pass_modules=args.pass_module,
+        verify_each=args.verify_each, check=args.check, exporter=args.exporter, opset=args.opset, pass_modules=args.pass_module,
         progress=not args.quiet,
     )
     if not args.quiet:
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="ort", choices=TARGETS, help="backend the engine is for (default: ort)")
     c.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"),
                    help="torch ONNX exporter (default: dynamo; torchscript traces faster)")
+    c.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset to export with (default: the exporter's; dynamo 17-23, torchscript 14-20)")
     c.add_argument("--dump-dir", help="write the text IR after every pass and report.json here")
     c.add_argument("--verify-each", action="store_true",
                    help="verify the graph and check its outputs after every pass; stop at the first that fails")

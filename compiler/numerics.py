@@ -1,6 +1,6 @@
 """Numerical before/after checks in ONNX Runtime, the reference executor.
 
-`run_model` executes a ModelProto on named numpy feeds; `compare` runs two models on the same
+`run_model` executes a ModelProto (its mmc fused ops lowered for ORT) on named numpy feeds; `compare` runs two models on the same
 feeds and reports the largest absolute difference over all graph outputs together with whether
 it is within the dtype-aware tolerance (|a-b| <= atol + rtol*|ref|, per element).
 """
@@ -29,7 +29,10 @@ def session(model: onnx.ModelProto, providers: list[str] | None = None) -> ort.I
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(model)
+    """Run `model` (mmc ops lowered to their ORT faces first) on the feeds it takes."""
+    from .lowering import lower_model
+
+    sess = session(lower_model(model))
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
     return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
@@ -70,6 +73,9 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> C
 def compare_models(before: onnx.ModelProto, after: onnx.ModelProto,
                    feed_sets: list[dict[str, np.ndarray]]) -> CheckResult:
     """Run both models on every feed set; the result is the worst over all of them."""
+    from .lowering import lower_model
+
+    before, after = lower_model(before), lower_model(after)
     worst = CheckResult(0.0, True, None)
     for feeds in feed_sets:
         r = compare_outputs(run_model(before, feeds), run_model(after, feeds))

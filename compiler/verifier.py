@@ -8,6 +8,7 @@ and shapes consistent).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -55,8 +56,36 @@ def verify_model(model: onnx.ModelProto, where: str = "") -> None:
         raise VerifyError(f"{prefix}ONNX check failed: {first_line(e, limit=10_000) or type(e).__name__}") from e
 
 
+def verify_fused_ops(graph: gs.Graph, where: str = "") -> None:
+    """Each mmc node is a known op whose inferred output dtypes/shapes agree with the values'."""
+    from mmc.plugins import DOMAIN, OPS
+
+    prefix = f"{where}: " if where else ""
+    for node in graph.nodes:
+        if node.domain != DOMAIN:
+            continue
+        if node.op not in OPS:
+            raise VerifyError(f"{prefix}node {node.name!r}: unknown mmc op {node.op!r}")
+        for out, (dtype, shape) in zip(node.outputs, OPS[node.op].infer(node)):
+            if out.name == "":
+                continue
+            if dtype is not None and out.dtype is not None and np.dtype(out.dtype) != dtype:
+                raise VerifyError(f"{prefix}node {node.name!r} ({node.op}): output {out.name!r} is "
+                                  f"{np.dtype(out.dtype)}, the op gives {dtype}")
+            if shape is not None and out.shape is not None:
+                if len(shape) != len(out.shape) or any(
+                        isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape, out.shape)):
+                    raise VerifyError(f"{prefix}node {node.name!r} ({node.op}): output {out.name!r} has "
+                                      f"shape {out.shape}, the op gives {shape}")
+
+
 def verify(graph: gs.Graph, where: str = "") -> onnx.ModelProto:
+    """Structure, then mmc ops' own inference, then ONNX's checker + strict inference on the
+    graph with mmc ops lowered to their ORT faces (ONNX knows no mmc ops)."""
+    from .lowering import lower_model
+
     verify_graph(graph, where)
+    verify_fused_ops(graph, where)
     model = gs.export_onnx(graph, do_type_check=False)
-    verify_model(model, where)
+    verify_model(lower_model(model), where)
     return model

@@ -16,9 +16,15 @@ from mmc.errors import MmcError
 from .qwen2_5_vl.adapter import Qwen25VLAdapter
 from .qwen2_5_vl.presets import PRESETS
 
-FAMILIES = {"qwen2_5_vl": Qwen25VLAdapter}
+FAMILIES = {"qwen2_5_vl": Qwen25VLAdapter}  # multimodal families; text-only LMs go to CausalLMAdapter
 DEFAULT_PRESET = "tiny-qwen2.5-vl"
 PRESET_REVISION = 1  # bump when a preset's construction changes, so caches rebuild
+
+
+def _causal_lm_types() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def cache_dir() -> Path:
@@ -65,8 +71,12 @@ def resolve(model: str | os.PathLike | None):
     except json.JSONDecodeError as e:
         raise MmcError(f"{cfg_path} is not valid JSON: {e}") from e
     family = config.get("model_type")
-    if family not in FAMILIES:
-        raise MmcError(f"model type {family!r} ({cfg_path}) is not supported; supported: {', '.join(FAMILIES)}")
+    adapter_cls = FAMILIES.get(family)
+    if adapter_cls is None and family in _causal_lm_types():
+        from .causal_lm.adapter import CausalLMAdapter as adapter_cls
+    if adapter_cls is None:
+        raise MmcError(f"model type {family!r} ({cfg_path}) is not supported; supported: "
+                       f"{', '.join(FAMILIES)} and text-only causal LMs that transformers loads")
     if not any(model_dir.glob("*.safetensors")):
         raise MmcError(f"{model_dir} has no *.safetensors weight files")
-    return model_dir, FAMILIES[family](model_dir, config), source
+    return model_dir, adapter_cls(model_dir, config), source

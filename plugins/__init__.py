@@ -1,4 +1,29 @@
-"""mmc's fused ops (ONNX domain `mmc`): one folder per op with spec, reference and target faces.
+"""mmc's fused ops (ONNX domain `mmc`): one folder per op family, each op a `FusedOp` with
 
-Empty in this release: the fusion passes that create these ops land with the fusion library.
+- a spec (the class docstring: inputs, outputs, attributes, semantics),
+- `reference(inputs, attrs)`: the semantics in numpy (float64 inside), the judge of every face,
+- `infer(node)`: output dtypes and shapes from the input values (ONNX shape inference for the
+  ops ONNX does not know),
+- `lower_ort(emit, node, opset)`: the ONNX Runtime face, a com.microsoft contrib op or a
+  standard op where one matches, otherwise a decomposition into standard ops.
+
+`OPS` maps op type -> FusedOp; `mmc.lowering` rewrites a graph's mmc nodes for a target.
 """
+
+from __future__ import annotations
+
+from .attention import Attention
+from .base import DOMAIN, FusedOp
+from .norms import LayerNorm, RMSNorm, SkipLayerNorm, SkipRMSNorm
+from .rotary import RotaryEmbedding
+from .swiglu import SwiGLU
+
+OPS: dict[str, FusedOp] = {op.name: op for op in (
+    RMSNorm(), SkipRMSNorm(), LayerNorm(), SkipLayerNorm(), SwiGLU(), RotaryEmbedding(), Attention())}
+
+
+def get(op_type: str) -> FusedOp:
+    return OPS[op_type]
+
+
+__all__ = ["DOMAIN", "OPS", "FusedOp", "get"]

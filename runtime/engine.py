@@ -117,16 +117,19 @@ class Engine:
             raise fmt.EngineError(f"engine {self.root} is corrupt: host weights unreadable ({e})") from e
         providers = _providers(device)
         comps = self.manifest["components"]
-        for needed in ("vision", "decoder"):
+        self.mrope = self.host.get("mrope", True)  # engines of format 1 before text-only LMs were M-RoPE
+        for needed in ("vision", "decoder") if self.host.get("image_token_id") is not None else ("decoder",):
             if needed not in comps:
                 raise fmt.EngineError(f"engine {self.root} lacks the {needed!r} component")
-        self.vision = Component(self.root, "vision", comps["vision"], providers)
+        self.vision = Component(self.root, "vision", comps["vision"], providers) if "vision" in comps else None
         self.decoder = Component(self.root, "decoder", comps["decoder"], providers)
         self.processor = Processor(fmt.inside(self.root, self.manifest["assets"]), self.host)
         self.kv_names = [n for n in (i["name"] for i in comps["decoder"]["inputs"]) if n.startswith("past_")]
 
     # ---- model steps --------------------------------------------------------------------
     def encode_images(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
+        if self.vision is None:
+            raise MmcError(f"engine {self.root} is a text-only model; it cannot take images")
         h = self.host
         vi = vision_indices(grid_thw, h["spatial_merge_size"], h["window_size"], h["patch_size"])
         feeds = {"pixel_values": pixel_values, "pos_hw": vi.pos_hw, "window_index": vi.window_index,
@@ -142,13 +145,13 @@ class Engine:
         return {n: np.zeros(shape, dtype=np.float32) for n in self.kv_names}
 
     def prefill(self, embeds, positions, mask):
-        # embeds [B, S, H]; positions [3, B, S]; mask [B, S] -> logits of the last position [B, V], K/V
+        # embeds [B, S, H]; positions [3, B, S] (M-RoPE) or [B, S]; mask [B, S] -> logits of the last position [B, V], K/V
         out = self.decoder.run({"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask,
                                 **self.empty_cache(embeds.shape[0])}, host_outputs=("logits",))
         return out["logits"][:, -1], self._present_as_past(out)
 
     def decode_one_token(self, token_ids, positions, mask, cache):
-        # token_ids [B]; positions [3, B, 1]; mask [B, P+1]; cache: K/V of P positions
+        # token_ids [B]; positions [3, B, 1] (M-RoPE) or [B, 1]; mask [B, P+1]; cache: K/V of P positions
         embeds = self.embed(token_ids)[:, None, :]  # [B, 1, H]
         out = self.decoder.run({"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask},
                                device_inputs=cache, host_outputs=("logits",))
@@ -177,18 +180,20 @@ class Engine:
         for i, p in enumerate(prepared):
             n, off = len(p.input_ids), s - len(p.input_ids)  # left padding
             e = self.embed(p.input_ids).copy()
-            is_image = p.input_ids == self.host["image_token_id"]
-            if is_image.any():
-                e[is_image] = image_embeds[i]
+            if image_embeds[i] is not None:
+                e[p.input_ids == self.host["image_token_id"]] = image_embeds[i]
             embeds[i, off:] = e
             embeds[i, :off] = self.embed(np.asarray([pad]))
-            pos, delta = mrope_positions(p.input_ids, self.host["image_token_id"], p.image_grid_thw,
-                                         self.host["spatial_merge_size"])
+            if self.mrope:
+                pos, delta = mrope_positions(p.input_ids, self.host["image_token_id"], p.image_grid_thw,
+                                             self.host["spatial_merge_size"])
+            else:
+                pos, delta = np.arange(n), 0
             positions[:, i, off:] = pos
             positions[:, i, :off] = 1
             mask[i, off:] = 1
             next_pos[i] = n + delta
-        return prepared, embeds, positions, mask, next_pos
+        return prepared, embeds, positions if self.mrope else positions[0], mask, next_pos
 
     def _steps(self, prompts, images, max_new_tokens, params: SamplingParams, seed) -> Iterator[np.ndarray]:
         """Yield the next token ids [B] per step (finished sequences repeat the pad id)."""
@@ -211,7 +216,8 @@ class Engine:
             if done.all() or step == max_new_tokens - 1:
                 return
             mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
-            pos = np.broadcast_to(next_pos[None, :, None], (3, len(prompts), 1)).copy()
+            pos = np.broadcast_to(next_pos[:, None], (len(prompts), 1))
+            pos = np.broadcast_to(pos, (3, *pos.shape)).copy() if self.mrope else pos.copy()
             logits, cache = self.decode_one_token(tokens, pos, mask, cache)
             next_pos += 1
 

@@ -68,13 +68,13 @@ class Processor:
         self.image_pad = "<|image_pad|>"
         self.vision_start = "<|vision_start|>"
         self.vision_end = "<|vision_end|>"
-        if vocab.get(self.image_pad) != host["image_token_id"]:
+        if host.get("image_token_id") is not None and vocab.get(self.image_pad) != host["image_token_id"]:
             raise MmcError("engine assets are inconsistent: tokenizer's <|image_pad|> id does not match the model")
 
     def format_prompt(self, prompt: str, num_images: int) -> str:
         """Insert one vision block per image: at each `<image>` marker, else before the text."""
         block = f"{self.vision_start}{self.image_pad}{self.vision_end}"
-        markers = prompt.count(IMAGE_MARKER)
+        markers = prompt.count(IMAGE_MARKER) if self.host.get("image_token_id") is not None else 0
         if markers and markers != num_images:
             raise MmcError(f"prompt has {markers} {IMAGE_MARKER} markers but {num_images} images were given")
         if markers:
@@ -102,15 +102,20 @@ class Processor:
             if special in prompt:
                 raise MmcError(f"the prompt contains the reserved token {special}; mark images with {IMAGE_MARKER}")
         text = self.format_prompt(prompt, len(images))
+        if not images:
+            return PreparedInputs(self._tokenize(text), None, grid)
         merge2 = self.host["spatial_merge_size"] ** 2
         pieces = text.split(self.image_pad)
         expanded = pieces[0]
         for i, rest in enumerate(pieces[1:]):
             expanded += self.image_pad * int(grid[i].prod() // merge2) + rest
-        ids = np.asarray(self.tokenizer(expanded, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        return PreparedInputs(self._tokenize(expanded), pixel_values, grid)
+
+    def _tokenize(self, text: str) -> np.ndarray:
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
         if ids.size == 0:
             raise MmcError("the prompt is empty")
-        return PreparedInputs(ids, pixel_values, grid)
+        return ids
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmc.models.qwen2_5_vl import export_graphs as eg
-from mmc.models.qwen2_5_vl.wrappers import TextDecoder
+from mmc.models import decoder_export as de
 from mmc.numerics import run_model
 
 
@@ -28,11 +28,11 @@ def test_exported_graphs_match_torch(exporter, adapter, hf_model, tmp_path):
     meta = adapter.host_metadata()
     rng = np.random.default_rng(1)
     dec = onnx.load(str(eg.export_decoder(hf_model, tmp_path / "decoder.onnx", exporter, meta)))
-    wrapper = TextDecoder(hf_model).eval()
-    names, outs = eg.decoder_io(meta["num_layers"])
+    wrapper = de.make_cached_decoder(hf_model.model.language_model, hf_model.lm_head, meta["num_layers"])
+    names, outs = de.decoder_io(meta["num_layers"])
     table = hf_model.model.language_model.embed_tokens.weight.detach().numpy()
     for b, s, p in [(1, 7, 0), (3, 1, 9), (2, 5, 2), (2, 4, 3)]:  # traced at (2, 3, 4)
-        feeds = eg.decoder_arrays(meta, b, s, p, rng)
+        feeds = de.decoder_arrays(meta, b, s, p, rng)
         if (b, s, p) == (2, 4, 3):
             feeds["attention_mask"][1, :2] = 0  # left padding: row 1's first two cache slots are masked
         feeds["inputs_embeds"] = table[rng.integers(0, len(table), (b, s))]  # what the runtime feeds

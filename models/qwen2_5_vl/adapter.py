@@ -14,26 +14,16 @@ vision index inputs (`mmc.runtime.vision_glue`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mmc.errors import MmcError, first_line
+from mmc.models.decoder_export import ExportedComponent, check_exporter, decoder_feeds
 
 ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.json",
                "chat_template.jinja", "preprocessor_config.json", "mmc_preset.json")
-
-EXPORTERS = ("dynamo", "torchscript")
-
-
-@dataclass
-class ExportedComponent:
-    name: str
-    path: Path                      # ONNX file (external data beside it)
-    check_feeds: list[dict]         # feed sets for numerical checks at untraced shapes
-
 
 class Qwen25VLAdapter:
     family = "qwen2_5_vl"
@@ -74,6 +64,7 @@ class Qwen25VLAdapter:
             "patch_size": v["patch_size"],
             "temporal_patch_size": v["temporal_patch_size"],
             "in_channels": v.get("in_channels", 3),
+            "mrope": True,
         }
 
     # ---- export ------------------------------------------------------------------------
@@ -94,19 +85,19 @@ class Qwen25VLAdapter:
         emb = model.model.language_model.embed_tokens.weight.detach().float().numpy()
         return {"embed_tokens": np.ascontiguousarray(emb)}
 
-    def export(self, model, work_dir: Path, exporter: str = "dynamo", seed: int = 0) -> list[ExportedComponent]:
-        if exporter not in EXPORTERS:
-            raise MmcError(f"unknown exporter {exporter!r} (choose from {', '.join(EXPORTERS)})")
+    def export(self, model, work_dir: Path, exporter: str = "dynamo", seed: int = 0,
+               opset: int | None = None) -> list[ExportedComponent]:
+        check_exporter(exporter, opset)
         from . import export_graphs
 
         work_dir.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(seed)
         meta = self.host_metadata()
-        vision_path = export_graphs.export_vision(model, work_dir / "vision.onnx", exporter, meta)
-        decoder_path = export_graphs.export_decoder(model, work_dir / "decoder.onnx", exporter, meta)
+        vision_path = export_graphs.export_vision(model, work_dir / "vision.onnx", exporter, meta, opset)
+        decoder_path = export_graphs.export_decoder(model, work_dir / "decoder.onnx", exporter, meta, opset)
         return [
             ExportedComponent("vision", vision_path, export_graphs.vision_feeds(meta, rng)),
-            ExportedComponent("decoder", decoder_path, export_graphs.decoder_feeds(meta, rng)),
+            ExportedComponent("decoder", decoder_path, decoder_feeds(meta, rng)),
         ]
 
     def asset_files(self) -> list[Path]:

@@ -6,9 +6,7 @@ no image size is baked into the trace. Windowed and full attention both become o
 all patches with a block-diagonal mask built in-graph from segment ids
 (mask[i, j] = seg[i] == seg[j]); the per-window split loop of transformers is gone.
 
-`TextDecoder` runs the language model from `inputs_embeds` with M-RoPE position ids, a
-[B, P+S] padding mask and the KV cache as flat tensors (DynamicCache cannot cross the export
-boundary), returning logits and the present K/V.
+The text decoder uses the family-independent wrapper in `mmc.models.decoder_export`.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 
@@ -57,28 +54,3 @@ class VisionTower(nn.Module):
         q, k, val = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, val))  # [1, H, N, D]
         out = F.scaled_dot_product_attention(q, k, val, attn_mask=mask, scale=attn.scaling)
         return attn.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
-
-
-class TextDecoder(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.language_model = model.model.language_model
-        self.lm_head = model.lm_head
-        self.num_layers = model.config.text_config.num_hidden_layers
-
-    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
-        # inputs_embeds [B, S, H]; position_ids [3, B, S]; attention_mask [B, P+S]; past 2L x [B, KV, P, D]
-        cache = DynamicCache(config=self.language_model.config)
-        for i in range(self.num_layers):
-            layer = cache.layers[i]
-            layer.lazy_initialization(past[2 * i], past[2 * i + 1])
-            layer.keys, layer.values = past[2 * i], past[2 * i + 1]
-        out = self.language_model(
-            inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
-            past_key_values=cache, use_cache=True,
-        )
-        logits = self.lm_head(out.last_hidden_state)  # [B, S, V]
-        present = []
-        for layer in out.past_key_values.layers:
-            present += [layer.keys, layer.values]
-        return (logits, *present)
