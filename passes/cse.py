@@ -7,6 +7,8 @@ cos/sin tables and mask arithmetic that exporters emit once per layer.
     before:  a = Unsqueeze(cos, @axes=[1]); b = Unsqueeze(cos, @axes=[1]); f(a); g(b)
     after:   a = Unsqueeze(cos, @axes=[1]); f(a); g(a)
 
+Commutative ops match with their inputs in either order (`Add(a, b)` == `Add(b, a)`), so the
+per-layer copies of mask and rotary arithmetic that exporters spell in varying order collapse.
 Preconditions: the node is deterministic (no Random* ops) and has no subgraph attributes.
 Nodes whose outputs are graph outputs are kept (their names are part of the signature).
 Pipeline: after fold-constants (so folded constants can merge), before dce.
@@ -26,6 +28,9 @@ from mmc.registry import PassResult, register_pass
 
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                     "Bernoulli", "Dropout"}
+
+
+COMMUTATIVE = {"Add", "Mul", "And", "Or", "Xor", "Equal", "Max", "Min", "Sum", "Mean"}
 
 
 def _const_key(t: gs.Constant) -> tuple:
@@ -80,8 +85,10 @@ class CommonSubexpressionElimination:
                 continue
             if any(id(o) in graph_outputs for o in node.outputs):
                 continue
-            key = (node.domain or "", node.op, len(node.outputs),
-                   tuple(id(t) if t.name else None for t in node.inputs),
+            ins = tuple(id(t) if t.name else None for t in node.inputs)
+            if node.op in COMMUTATIVE and not node.domain:  # Add(a, b) == Add(b, a)
+                ins = tuple(sorted(ins, key=lambda i: -1 if i is None else i))
+            key = (node.domain or "", node.op, len(node.outputs), ins,
                    tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())))
             twin = seen.setdefault(key, node)
             if twin is node:

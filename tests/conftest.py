@@ -62,3 +62,18 @@ def hf_model(tiny_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tiny_dir, tmp_path_factory):
+    """lm_dir(family) -> a tiny text-only checkpoint of that transformers family (built once)."""
+    from lm_checkpoints import build
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build(family, tmp_path_factory.mktemp("lm") / family, tiny_dir)
+        return built[family]
+
+    return get

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmc.models.qwen2_5_vl import export_graphs as eg
 from mmc.models import decoder_export as de
+from mmc.models.qwen2_5_vl import export_graphs as eg
 from mmc.numerics import run_model
 
 

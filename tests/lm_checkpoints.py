@@ -1,0 +1,34 @@
+"""Tiny text-only checkpoints of transformers decoder families, written with save_pretrained
+(random weights, norms included), with the tiny preset's tokenizer copied in."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, eos_token_id=2, bos_token_id=1)
+FAMILIES = {
+    "llama": dict(num_key_value_heads=2),                    # GQA, SwiGLU, RMSNorm, RoPE
+    "qwen2": dict(num_key_value_heads=2),                    # + q/k/v biases
+    "gpt_neox": dict(rotary_pct=0.5, use_parallel_residual=True),  # no patterns written for it
+}
+
+
+def build(family: str, out: Path, tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+            else:  # norms and biases away from their 1 / 0 init, so a dropped weight shows
+                p.uniform_(0.5, 1.5) if "norm" in name and name.endswith("weight") else p.normal_(0.0, 0.1)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, out / f)
+    return out
