@@ -265,3 +265,26 @@ def test_cse_merges_commuted_twins():
     g, r, after = apply("cse", m)
     assert r.stats["duplicate-node"] == 1 and [n.op for n in g.nodes] == ["Add", "Mul"]
     assert_same_outputs(m, after)
+
+
+def test_rms_norm_of_a_half_model_with_casts_to_fp32():
+    """TorchScript spells a fp16 RMSNorm as Cast(x, fp32) -> core -> Cast(fp16) -> Mul(w)."""
+    from onnx import TensorProto
+
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Pow", ["xf", "two"], ["p"]), helper.make_node("ReduceMean", ["p", "axes"], ["m"]),
+             helper.make_node("Add", ["m", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"]),
+             helper.make_node("Reciprocal", ["s"], ["r"]), helper.make_node("Mul", ["xf", "r"], ["n"]),
+             helper.make_node("Cast", ["n"], ["nh"], to=TensorProto.FLOAT16),
+             helper.make_node("Mul", ["wt", "nh"], ["y"])]
+    half = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, ["b", H]) for n in ("x", "y")]
+    before = model(nodes, [half[0]], [half[1]], [("two", c(2.0)), ("axes", c([-1], np.int64)), ("eps", c(1e-6)),
+                                                 ("wt", w(H).astype(np.float16))])
+    g, r, after = apply("fuse-norms", before)
+    assert r.stats["rms-norm"] == 1 and [n.op for n in g.nodes] == ["RMSNorm"]
+    assert np.dtype(g.nodes[0].inputs[0].dtype) == np.float16
+    from mmc.numerics import run_model
+
+    x = np.random.default_rng(0).standard_normal((3, H)).astype(np.float16)
+    np.testing.assert_allclose(run_model(after, {"x": x})["y"].astype(np.float32),
+                               run_model(before, {"x": x})["y"].astype(np.float32), atol=1e-2, rtol=1e-2)
