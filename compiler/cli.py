@@ -105,6 +105,8 @@ def cmd_inspect(args) -> int:
     print(f"passes      {', '.join(m['passes']) or '(none)'}")
     for name, c in m["components"].items():
         print(f"component   {name}: {c['graph']}  {c.get('nodes', '?')} nodes")
+        if c.get("fused_ops"):
+            print("    fused   " + ", ".join(f"{k.removeprefix('mmc.')} x{v}" for k, v in c["fused_ops"].items()))
         for io, key in (("in ", "inputs"), ("out", "outputs")):
             sig = [s for s in c[key] if not s["name"].startswith(("past_", "present_"))]
             kv = len(c[key]) - len(sig)

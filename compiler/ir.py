@@ -25,16 +25,42 @@ DEFAULT_OPSET = 20
 def load_graph(path: str | Path) -> gs.Graph:
     """Load an ONNX file (external data next to it) as a gs Graph, with inferred dtypes/shapes
     on every value (the TorchScript exporter leaves intermediate values untyped)."""
-    return import_model(onnx.load(str(path), load_external_data=True))
+    return import_model(onnx.load(str(path), load_external_data=True), symbolic=True)
 
 
-def import_model(model: onnx.ModelProto) -> gs.Graph:
-    """ModelProto -> gs Graph after ONNX shape inference (dtypes and shapes on every value)."""
+def import_model(model: onnx.ModelProto, symbolic: bool = False) -> gs.Graph:
+    """ModelProto -> gs Graph after ONNX shape inference (dtypes and shapes on every value).
+
+    `symbolic=True` then runs ONNX Runtime's symbolic shape inference, which follows shape
+    arithmetic that ONNX's leaves unknown (TorchScript's Reshape(x, Concat(Shape(...), -1)):
+    a head count or head dim becomes a number, so fold-constants can fold the slices and
+    reshapes built from it). It never merges unequal symbols (auto_merge off); if it cannot
+    handle a graph, ONNX's inference stands."""
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError):
         pass  # >2 GB or an op without inference: passes fall back to what the exporter recorded
+    if symbolic:
+        model = _symbolic_shapes(model) or model
     return gs.import_onnx(model)
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ORT's symbolic inference, driven step by step: its `infer_shapes` saves a model into the
+    current directory when inference is incomplete, which a compiler must never do. Only a
+    complete inference is used."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        sym = SymbolicShapeInference(2**31 - 1, False, False, 0)  # int_max, auto_merge, guess_rank, verbose
+        sym._preprocess(model)
+        complete = False
+        while sym.run_:
+            complete = sym._infer_impl()
+        sym._update_output_from_vi()
+        return sym.out_mp_ if complete else None
+    except Exception:  # the optional tool failed: ONNX's shapes stand
+        return None
 
 
 def to_model(graph: gs.Graph) -> onnx.ModelProto:

@@ -56,7 +56,19 @@ def lower_graph(graph: gs.Graph, target: str = "ort", upgrade: bool = True) -> g
         OPS[node.op].lower_ort(emit, node, graph.opset)
         emit.finish()
     graph.import_domains = [d for d in (graph.import_domains or []) if d.domain != DOMAIN] or None
-    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    _share_face_constants(graph)
+    return graph
+
+
+def _share_face_constants(graph: gs.Graph) -> None:
+    """Faces emit per-node helpers (a bool mask made additive, a half rotary table); the
+    layers' copies read the same tensors, so cse merges them into one."""
+    from mmc.passes.cse import CommonSubexpressionElimination
+
+    from .pass_manager import PassContext
+
+    CommonSubexpressionElimination().run(graph, PassContext("lowering", current_pass="lower"))
 
 
 def lower_model(model: onnx.ModelProto, target: str = "ort") -> onnx.ModelProto:

@@ -51,7 +51,7 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> C
         if name not in got:
             return CheckResult(float("inf"), False, name)
         g = got[name]
-        if r.shape != g.shape:
+        if r.shape != g.shape or r.dtype != g.dtype:
             return CheckResult(float("inf"), False, name)
         if r.dtype.kind in "iub":
             err = float(np.abs(r.astype(np.int64) - g.astype(np.int64)).max()) if r.size else 0.0
@@ -64,7 +64,8 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> C
             diff = np.abs(r[finite].astype(np.float64) - g[finite].astype(np.float64))
             err = float(diff.max()) if diff.size else 0.0
             ok &= bool((diff <= atol + rtol * np.abs(r[finite])).all())
-            ok &= bool((r[~finite] == g[~finite]).all())
+            same = (r[~finite] == g[~finite]) | (np.isnan(r[~finite]) & np.isnan(g[~finite]))
+            ok &= bool(same.all())
         if err > worst or worst_name is None:
             worst, worst_name = err, name
     return CheckResult(worst, ok, worst_name)

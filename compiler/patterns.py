@@ -11,7 +11,7 @@ matches a node by op type (and optional attrs / `commute=True` for two-input ops
 pattern matches the tensor feeding that input: `Var` any tensor (bound by name; the same name
 must bind the same tensor), `Const` a weight, `Op` a tensor produced by a matching node,
 `AnyOf(p1, p2)` the first alternative that matches. Every rejection — by the matcher or by the
-rule's check — is a reason string; `apply_rules` counts hits per rule and keeps, for each rule,
+rule's check — is a reason string (a name used twice, Var or Const, must bind one tensor); `apply_rules` counts hits per rule and keeps, for each rule,
 the nearest miss (the candidate that matched the most pattern nodes) and its reason, which the
 report shows for rules that fired zero times.
 """
@@ -69,6 +69,7 @@ class Match:
     values: dict[str, gs.Tensor] = field(default_factory=dict)
     nodes: dict[str, gs.Node] = field(default_factory=dict)
     size: int = 0  # pattern nodes matched (for nearest-miss ranking)
+    graph: gs.Graph | None = None  # set by apply_rules before the check: opset, graph outputs
 
     def __getitem__(self, name: str) -> gs.Tensor:
         return self.values[name]
@@ -80,7 +81,14 @@ class Match:
         return None
 
     def copy(self) -> Match:
-        return Match(self.root, dict(self.values), dict(self.nodes), self.size)
+        return Match(self.root, dict(self.values), dict(self.nodes), self.size, self.graph)
+
+    def is_graph_output(self, t: gs.Tensor) -> bool:
+        return self.graph is not None and any(o is t for o in self.graph.outputs)
+
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset) if self.graph is not None and self.graph.opset else 1
 
 
 class Miss(Exception):
@@ -103,6 +111,9 @@ def _match_value(p: Pattern, t: gs.Tensor, m: Match, where: str) -> Match:
     if isinstance(p, Const):
         if not isinstance(t, gs.Constant):
             raise Miss(f"{where}: {p.name} must be a constant, got activation {t.name!r}", m.size)
+        bound = m.values.get(p.name)
+        if bound is not None and bound is not t:
+            raise Miss(f"{where}: {p.name} is bound to {bound.name!r}, not {t.name!r}", m.size)
         m.values[p.name] = t
         return m
     if isinstance(p, AnyOf):
@@ -185,6 +196,7 @@ def apply_rules(graph: gs.Graph, rules: list[Rule], ctx, stats: RuleStats | None
             except Miss as e:
                 stats.miss(rule.name, node, e.reason, e.size)
                 continue
+            m.graph = graph
             reason = rule.check(m) if rule.check else None
             if reason:
                 stats.miss(rule.name, node, reason, m.size + 1000)  # passed the pattern: nearest

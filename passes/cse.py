@@ -88,7 +88,7 @@ class CommonSubexpressionElimination:
             ins = tuple(id(t) if t.name else None for t in node.inputs)
             if node.op in COMMUTATIVE and not node.domain:  # Add(a, b) == Add(b, a)
                 ins = tuple(sorted(ins, key=lambda i: -1 if i is None else i))
-            key = (node.domain or "", node.op, len(node.outputs), ins,
+            key = (node.domain or "", node.op, tuple(bool(o.name) for o in node.outputs), ins,
                    tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items())))
             twin = seen.setdefault(key, node)
             if twin is node:

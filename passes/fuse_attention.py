@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from mmc.patterns import AnyOf, Const, Op, Rule, Var
 from mmc.registry import PassResult, register_pass
 
-from .fusion_util import const_value, depends_on, fused_node, int_list, rank, run_rules
+from .fusion_util import const_value, depends_on, fused_node, int_list, last_dim, rank, run_rules
 
 
 def _kv(name: str):
@@ -48,7 +48,7 @@ SCORES = Op("MatMul", AnyOf(Op("Mul", Var("q"), Const("qscale"), commute=True), 
             AnyOf(Op("Mul", KT, Const("kscale"), commute=True), KT), label="qk")
 SCALED = AnyOf(Op("Mul", SCORES, Const("sscale"), commute=True), Op("Div", SCORES, Const("sdiv")), SCORES)
 SOFTMAX = Op("Softmax", AnyOf(Op("Add", SCALED, Var("mask"), commute=True), SCALED), label="softmax")
-PROBS = AnyOf(Op("Where", Op("IsNaN", SOFTMAX), Const("zero"), SOFTMAX, label="guard"), SOFTMAX)
+PROBS = AnyOf(Op("Where", Op("IsNaN", Var("guarded")), Const("zero"), SOFTMAX, label="guard"), SOFTMAX)
 ATTENTION = Op("MatMul", PROBS, V)
 ONNX_MASKED = Op("Attention", Var("q"), K, V, Var("mask"), label="onnx")
 ONNX_PLAIN = Op("Attention", Var("q"), K, V, label="onnx")
@@ -80,18 +80,37 @@ def _kv_heads(m, name: str) -> int:
 
 
 def _finite(t: gs.Tensor | None) -> bool:
-    """The mask provably holds no ±inf/NaN (a finite constant or Where of finite constants)."""
+    """The mask provably holds no ±inf/NaN: a finite constant, Where of finite ones, a bool
+    (a bool mask becomes a finite additive one in the faces), or a widening/bool Cast of such."""
     if t is None:
         return True
+    if t.dtype is not None and np.dtype(t.dtype) == np.dtype(bool):
+        return True
     if isinstance(t, gs.Constant):
-        return bool(np.isfinite(const_value(t)).all()) if const_value(t).dtype.kind == "f" else True
-    if len(t.inputs) == 1:
-        node = t.inputs[0]
-        if node.op == "Where":
-            return all(_finite(x) for x in node.inputs[1:])
-        if node.op in ("Cast", "Expand", "Reshape", "Unsqueeze"):
-            return _finite(node.inputs[0]) if np.dtype(node.inputs[0].dtype).kind in "fb" else True
-    return t.dtype is not None and np.dtype(t.dtype) == np.dtype(bool)
+        v = const_value(t)
+        return bool(np.isfinite(v).all()) if v.dtype.kind == "f" else True
+    if len(t.inputs) != 1:
+        return False
+    node = t.inputs[0]
+    if node.op == "Where":
+        return all(_finite(x) for x in node.inputs[1:])
+    if node.op in ("Expand", "Reshape", "Unsqueeze", "Squeeze"):
+        return _finite(node.inputs[0])
+    if node.op == "Cast":  # only a cast that cannot overflow: from bool, or to a wider float
+        src, dst = node.inputs[0].dtype, t.dtype
+        if src is None or dst is None:
+            return False
+        src, dst = np.dtype(src), np.dtype(dst)
+        widening = src.kind in "fiu" and dst.kind == "f" and np.finfo(dst).max >= (
+            np.finfo(src).max if src.kind == "f" else np.iinfo(src).max)
+        return (src == np.dtype(bool) or widening) and _finite(node.inputs[0])
+    return False
+
+
+def _same_dims(a, b) -> bool:
+    """Two shapes are provably equal: same length, every dim known and equal."""
+    return a is not None and b is not None and len(a) == len(b) and all(
+        x is not None and x == y for x, y in zip(a, b))
 
 
 def _scale(m) -> float | None:
@@ -110,19 +129,33 @@ def _scale(m) -> float | None:
     return s
 
 
+def _repeat_factor(m, name: str) -> int | str:
+    """1 without repeat_kv; else the proven group size g, or a reason string."""
+    if f"rep_{name}" not in m.nodes:
+        return 1
+    if int_list(m[f"uax_{name}"]) != [2]:
+        return f"repeat_kv of {name} unsqueezes axis {int_list(m[f'uax_{name}'])}, not 2"
+    src = m.nodes[f"unsq_{name}"].inputs[0]
+    expanded = m.nodes[f"rep_{name}"].inputs[0]
+    out = m.nodes[f"rep_{name}"].outputs[0]
+    s, e, o = src.shape, expanded.shape, out.shape
+    if s is None or e is None or o is None or len(s) != 4 or len(e) != 5 or len(o) != 4:
+        return f"repeat_kv of {name}: shapes unknown, cannot prove [B, KV, T, D] -> [B, KV*g, T, D]"
+    g = e[2]
+    if not isinstance(g, int) or not isinstance(s[1], int) or not _same_dims(e, [s[0], s[1], g, s[2], s[3]]) \
+            or not _same_dims(o, [s[0], s[1] * g, s[2], s[3]]):
+        return f"repeat_kv of {name} is not [B, KV, T, D] -> [B, KV, g, T, D] -> [B, KV*g, T, D] ({s} -> {e} -> {o})"
+    return g
+
+
 def _check_kv(m, name: str) -> str | None:
     cat = m.nodes.get(f"cat_{name}")
     if cat is not None and (cat.attrs.get("axis") not in (2, -2) or len(cat.inputs) != 2):
         return f"{name} cache concat is not on the sequence axis"
-    if f"rep_{name}" in m.nodes:
-        if int_list(m[f"uax_{name}"]) != [2]:
-            return f"repeat_kv of {name} unsqueezes axis {int_list(m[f'uax_{name}'])}, not 2"
-        src = m.nodes[f"unsq_{name}"].inputs[0]
-        out = m.nodes[f"rep_{name}"].outputs[0]
-        if rank(src) != 4 or rank(out) != 4:
-            return f"repeat_kv of {name} is not [B, KV, T, D] -> [B, N, T, D]"
-    t = m.values.get(f"new_{name}")
-    if rank(t) != 4:
+    g = _repeat_factor(m, name)
+    if isinstance(g, str):
+        return g
+    if rank(m.values.get(f"new_{name}")) != 4:
         return f"{name} is not rank 4 [B, heads, S, D]"
     return None
 
@@ -137,8 +170,17 @@ def _check_common(m) -> str | None:
     if rank(m["q"]) != 4:
         return "q is not rank 4 [B, N, S, D]"
     n, kv = _heads(m["q"]), _kv_heads(m, "k")
-    if n and kv and n % kv:
-        return f"{n} query heads are not a multiple of {kv} kv heads"
+    if not n or not kv:
+        return f"head counts unknown (query {n or '?'}, kv {kv or '?'})"
+    if n % kv or kv != _kv_heads(m, "v"):
+        return f"{n} query heads, {kv} key heads, {_kv_heads(m, 'v')} value heads: not a valid GQA split"
+    if _repeat_factor(m, "k") != _repeat_factor(m, "v"):
+        return "K and V are repeated differently"
+    if _repeat_factor(m, "k") not in (1, n // kv):
+        return f"repeat_kv factor {_repeat_factor(m, 'k')} does not turn {kv} kv heads into {n}"
+    for name in ("q", "new_k", "new_v"):
+        if not isinstance(last_dim(m[name]), int):
+            return f"head dim of {name} is not static"
     caches = [m.nodes[c].outputs[0] for c in ("cat_k", "cat_v") if c in m.nodes]
     ins = [m.values.get(k) for k in ("q", "new_k", "new_v", "past_k", "past_v", "mask")]
     if caches and depends_on([t for t in ins if t is not None], {id(t) for t in caches}):
@@ -148,19 +190,24 @@ def _check_common(m) -> str | None:
 
 def _check_decomposed(m) -> str | None:
     sm = m.nodes["softmax"]
-    if sm.attrs.get("axis", -1) not in (-1, (rank(sm.outputs[0]) or 0) - 1):
-        return f"softmax over axis {sm.attrs.get('axis')}, not the keys (last) axis"
-    if "guard" in m.nodes and m.scalar("zero") != 0.0:
-        return "the NaN guard does not write 0"
+    axis = sm.attrs.get("axis", -1 if m.opset >= 13 else 1)  # before opset 13: a 2-D view from axis 1
+    if axis not in (-1, (rank(sm.outputs[0]) or 0) - 1) or (m.opset < 13 and "axis" not in sm.attrs):
+        return f"softmax over axis {axis}, not the keys (last) axis"
+    if "guard" in m.nodes and (m.scalar("zero") != 0.0 or m["guarded"] is not sm.outputs[0]):
+        return "the NaN guard does not test the softmax it replaces, or does not write 0"
     kt = m.nodes["kt"]
     if kt.op == "Transpose" and list(kt.attrs.get("perm", [])) != [0, 1, 3, 2]:
         return f"K is transposed with perm {kt.attrs.get('perm')}, not its last two axes"
     if kt.op == "Reshape":
         if list(m.nodes["kt3"].attrs.get("perm", [])) != [0, 2, 1]:
             return "K's 3-D transpose is not (0, 2, 1)"
-        src, out = m.nodes["kt3"].inputs[0].inputs[0].inputs[0], kt.outputs[0]
-        if rank(out) != 4 or rank(src) != 4 or (isinstance(src.shape[-1], int) and out.shape[-2] != src.shape[-1]):
-            return "K's reshape-transpose-reshape is not Kᵀ over the last two axes"
+        flat = m.nodes["kt3"].inputs[0]           # Reshape(K) -> [B*N, T, D]
+        src, out = flat.inputs[0].inputs[0], kt.outputs[0]
+        k = src.shape
+        # flat keeps K's last two dims, so its first is B*N; out splits it back as [B, N]
+        if k is None or len(k) != 4 or flat.shape is None or len(flat.shape) != 3 or \
+                not _same_dims(flat.shape[1:], k[2:]) or not _same_dims(out.shape, [k[0], k[1], k[3], k[2]]):
+            return f"K's reshape-transpose-reshape is not Kᵀ over the last two axes ({k} -> {flat.shape} -> {out.shape})"
     if _scale(m) is None:
         return "the attention scale is not a scalar constant"
     return _check_common(m)
@@ -182,12 +229,13 @@ def _check_onnx(m) -> str | None:
 def _rewrite(g, m, ctx):
     q = m["q"]
     if "onnx" in m.nodes:
-        d = q.shape[-1] if q.shape and isinstance(q.shape[-1], int) else None
-        scale = float(m.nodes["onnx"].attrs.get("scale", 0.0) or (1 / math.sqrt(d) if d else 0.0))
+        scale = float(m.nodes["onnx"].attrs.get("scale", 0.0) or 1 / math.sqrt(last_dim(q)))
         nan_to_zero = 0
     else:
         scale = float(_scale(m))
-        nan_to_zero = int("guard" in m.nodes and not _finite(m.values.get("mask")))
+        # half precision can overflow a finite mask to -inf: keep the guard there
+        wide = q.dtype is not None and np.dtype(q.dtype) in (np.dtype("float32"), np.dtype("float64"))
+        nan_to_zero = int("guard" in m.nodes and not (wide and _finite(m.values.get("mask"))))
     attrs = {"num_heads": _heads(q), "kv_heads": _kv_heads(m, "k"), "scale": scale, "nan_to_zero": nan_to_zero}
     cached = "cat_k" in m.nodes
     inputs = [q, m["new_k"], m["new_v"], m.values.get("past_k") if cached else None,

@@ -116,8 +116,8 @@ def _rewrite_onnx_norm(op):
 
 
 _centered = Op("Sub", Var("x"), Op("ReduceMean", Var("x"), label="mu"), label="centered")
-_var = Op("ReduceMean", Op("Pow", _centered, Const("two")), label="mean")
-LN = Op("Add", Op("Mul", Op("Div", _centered, Op("Sqrt", Op("Add", _var, Const("eps"), commute=True))),
+_var = Op("ReduceMean", Op("Pow", Var("centered_sq_in"), Const("two")), label="mean")
+LN = Op("Add", Op("Mul", Op("Div", _centered, Op("Sqrt", Op("Add", _var, Const("eps"), commute=True)), label="div"),
                   Const("w"), commute=True), Const("b"), commute=True)
 
 
@@ -126,9 +126,12 @@ def _check_ln(m) -> str | None:
         return "exponent is not 2"
     if m.scalar("eps") is None:
         return "epsilon is not a scalar constant"
+    if m["centered_sq_in"] is not m.nodes["centered"].outputs[0]:
+        return "the variance is not taken of the same centered x"
     for label in ("mu", "mean"):
-        if not is_last_axis(reduce_axes(m.nodes[label]), rank(m["x"])):
-            return f"{label} is not reduced over the last axis"
+        node = m.nodes[label]
+        if not is_last_axis(reduce_axes(node), rank(m["x"])) or not node.attrs.get("keepdims", 1):
+            return f"{label} is not reduced over the last axis with keepdims"
     b = const_value(m["b"])
     return _check_weight(m, m["x"]) or (None if b is not None and b.ndim == 1 else "bias is not 1-D")
 
@@ -146,8 +149,10 @@ def _check_scale(m) -> str | None:
     node = src.inputs[0] if len(src.inputs) == 1 else None
     if node is None or node.domain != DOMAIN or node.op not in ("RMSNorm", "LayerNorm"):
         return "the scaled value is not an mmc norm"
-    if len(src.outputs) != 1:
+    if len(src.outputs) != 1 or m.is_graph_output(src):
         return "the norm's output has other readers"
+    if any(t.name and not isinstance(t, gs.Constant) for t in node.inputs[1:]):
+        return "the norm's weight or bias is not a constant"
     c = const_value(m["c"])
     w = const_value(node.inputs[1])
     if c.size != 1 and (c.ndim == 0 or c.shape[-1] != w.shape[0] or c.size != w.shape[0]):

@@ -38,16 +38,16 @@ ROTARY = Op("Add",
 
 
 def _layout(m) -> str | None:
-    r = rank(m["x"])
+    """bnsd: x [B, N, S, D], tables [B, S, D] unsqueezed at 1; snd: x [S, N, D], tables [S, D]
+    unsqueezed at 1 (axes normalized against the unsqueezed rank)."""
+    r, rc, rs = rank(m["x"]), rank(m["cos"]), rank(m["sin"])
     cax, sax = int_list(m["cax"]), int_list(m["sax"])
-    if cax != sax or cax is None or len(cax) != 1:
+    if cax is None or len(cax) != 1 or rc is None or rc != rs or r != rc + 1:
         return None
-    ax = cax[0] % (r or 99) if r else cax[0]
-    if r == 4 and ax == 1:
-        return "bnsd"
-    if r == 3 and ax == 1:
-        return "snd"
-    return None
+    ax, sx = cax[0] % (rc + 1), sax[0] % (rs + 1) if sax and len(sax) == 1 else None
+    if ax != 1 or sx != 1:
+        return None
+    return {4: "bnsd", 3: "snd"}.get(r)
 
 
 def _check(m) -> str | None:
@@ -59,8 +59,9 @@ def _check(m) -> str | None:
         axes = int_list(m[label[0] + "ax"])
         if axes is None or len(axes) != 1 or axes[0] not in (-1, (r or 0) - 1):
             return f"{label} slice is not on the last axis"
-        if len(m.nodes[label].inputs) > 4 and int_list(m.nodes[label].inputs[4]) not in (None, [1]):
-            return f"{label} slice has a step"
+        if len(m.nodes[label].inputs) > 4 and m.nodes[label].inputs[4].name and \
+                int_list(m.nodes[label].inputs[4]) != [1]:
+            return f"{label} slice has a step (or one known only at run time)"
     if int_list(m["ls"]) != [0] or int_list(m["le"]) != [d // 2] or int_list(m["hs"]) != [d // 2] or \
             int_list(m["he"])[0] < d:
         return f"the slices do not split the head dim {d} in half"
@@ -108,7 +109,7 @@ def _rewrite_onnx(g, m, ctx):
     tables = []
     for name in ("cos", "sin"):
         half = m[name]
-        twin = next((r for r in half.outputs if r.op == "Concat" and len(r.inputs) == 2
+        twin = next((r for r in half.outputs if r.op == "Concat" and len(r.inputs) == 2 and r.attrs.get("axis") == -1
                      and r.inputs[0] is half and r.inputs[1] is half), None)
         if twin is not None:  # another layer's rotary already doubled this table
             tables.append(twin.outputs[0])

@@ -28,7 +28,9 @@ def _pattern(op: str) -> Op:
 
 
 def _same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
-    return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
+    """Provably equal: every dim known (a number or a named symbol) and equal."""
+    return a.shape is not None and b.shape is not None and len(a.shape) == len(b.shape) and all(
+        x is not None and x != "" and x == y for x, y in zip(a.shape, b.shape))
 
 
 def _check(m) -> str | None:

@@ -98,14 +98,15 @@ def _downstream(t: gs.Tensor, depth: int = 6):
     return None
 
 
-def _classify(group: list[Projection]) -> tuple[str, list[Projection]]:
+def _classify(group: list[Projection], graph_outputs: set[int]) -> tuple[str, list[Projection]]:
     readers = [_downstream(p.out) for p in group]
     if len(group) == 3 and all(r is not None and r.op == "Attention" and r.domain == DOMAIN for r in readers) \
             and readers[0] is readers[1] is readers[2]:
         return "merge-qkv", group
     if len(group) == 2 and all(p.out.outputs and len(p.out.outputs) == 1 for p in group):
         node = group[0].out.outputs[0]
-        if node is group[1].out.outputs[0] and node.op == "SwiGLU" and node.domain == DOMAIN:
+        if node is group[1].out.outputs[0] and node.op == "SwiGLU" and node.domain == DOMAIN and \
+                not any(id(p.out) in graph_outputs for p in group):
             gate = group if node.inputs[0] is group[0].out else group[::-1]
             return "merge-gate-up", gate
     return "merge-siblings", group
@@ -167,7 +168,7 @@ class HorizontalGemm:
             group = self._independent(group, view, index, stats)
             if len(group) < 2 or len({p.weight.dtype for p in group}) != 1:
                 continue
-            kind, ordered = _classify(group)
+            kind, ordered = _classify(group, {id(t) for t in graph.outputs})
             _merge(graph, ctx, inputs[key], ordered, kind)
             stats.hits[kind] += 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()

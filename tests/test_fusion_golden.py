@@ -132,27 +132,32 @@ def test_rotary_with_uneven_split_does_not_fire():
 
 
 # ---- fuse-attention ----------------------------------------------------------------------
-def attention_graph(softmax_axis=-1, scale_is_input=False):
+def attention_graph(softmax_axis=-1, scale_is_input=False, repeat_heads=N, guard_other=False):
     nodes = [helper.make_node("Concat", ["past_k", "k"], ["pk"], axis=-2),
              helper.make_node("Concat", ["past_v", "v"], ["pv"], axis=-2)]
     for t in ("k", "v"):  # repeat_kv
         nodes += [helper.make_node("Unsqueeze", [f"p{t}", "two"], [f"u{t}"]),
-                  helper.make_node("Shape", [f"u{t}"], [f"sh{t}"]),
-                  helper.make_node("Mul", [f"sh{t}", "rep"], [f"es{t}"]),
+                  helper.make_node("Shape", [f"u{t}"], [f"lead{t}"], end=2),
+                  helper.make_node("Shape", [f"u{t}"], [f"tail{t}"], start=3),
+                  helper.make_node("Concat", [f"lead{t}", "group", f"tail{t}"], [f"es{t}"], axis=0),
                   helper.make_node("Expand", [f"u{t}", f"es{t}"], [f"e{t}"]),
-                  helper.make_node("Reshape", [f"e{t}", "rshape"], [f"r{t}"])]
+                  helper.make_node("Shape", [f"p{t}"], [f"b{t}"], end=1),
+                  helper.make_node("Shape", [f"p{t}"], [f"td{t}"], start=2),
+                  helper.make_node("Concat", [f"b{t}", "heads", f"td{t}"], [f"rs{t}"], axis=0),
+                  helper.make_node("Reshape", [f"e{t}", f"rs{t}"], [f"r{t}"])]
     nodes += [helper.make_node("Transpose", ["rk"], ["kt"], perm=[0, 1, 3, 2]),
               helper.make_node("MatMul", ["q", "kt"], ["qk"]),
               helper.make_node("Mul", ["qk", "scale"], ["sc"]),
               helper.make_node("Add", ["sc", "mask"], ["masked"]),
               helper.make_node("Softmax", ["masked"], ["p"], axis=softmax_axis),
-              helper.make_node("IsNaN", ["p"], ["nan"]),
+              helper.make_node("Softmax", ["qk"], ["p_other"], axis=-1),
+              helper.make_node("IsNaN", ["p_other" if guard_other else "p"], ["nan"]),
               helper.make_node("Where", ["nan", "zero", "p"], ["pg"]),
               helper.make_node("MatMul", ["pg", "rv"], ["y"])]
     inputs = [fvi("q", ["b", N, "s", D]), fvi("k", ["b", KV, "s", D]), fvi("v", ["b", KV, "s", D]),
               fvi("past_k", ["b", KV, "p", D]), fvi("past_v", ["b", KV, "p", D]), fvi("mask", ["b", 1, "s", "t"])]
-    inits = [("two", c([2], np.int64)), ("rep", c([1, 1, N // KV, 1, 1], np.int64)),
-             ("rshape", c([0, N, -1, D], np.int64)), ("zero", c(0.0))]
+    inits = [("two", c([2], np.int64)), ("group", c([N // KV], np.int64)),
+             ("heads", c([repeat_heads], np.int64)), ("zero", c(0.0))]
     if scale_is_input:
         inputs.append(fvi("scale", []))
     else:
@@ -184,6 +189,17 @@ def test_attention_with_cache_and_repeat_kv():
 def test_attention_softmax_over_wrong_axis_does_not_fire():
     r, misses = near_miss("fuse-attention", attention_graph(softmax_axis=2))
     assert r.stats["attention"] == 0 and "not the keys" in misses["attention"]["reason"]
+
+
+def test_attention_with_a_wrong_repeat_kv_reshape_does_not_fire():
+    """Reshape to [B, 1, N*T/..., D]: every query would see all kv heads' keys; not GQA."""
+    r, misses = near_miss("fuse-attention", attention_graph(repeat_heads=1))
+    assert r.stats["attention"] == 0 and "repeat_kv" in misses["attention"]["reason"]
+
+
+def test_attention_whose_nan_guard_tests_another_softmax_does_not_fire():
+    r, misses = near_miss("fuse-attention", attention_graph(guard_other=True))
+    assert r.stats["attention"] == 0 and "NaN guard" in misses["attention"]["reason"]
 
 
 def test_attention_with_runtime_scale_does_not_fire():

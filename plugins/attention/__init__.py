@@ -87,7 +87,6 @@ class Attention(FusedOp):
     @staticmethod
     def _decompose(emit, node, q, k, v, past_k, past_v, mask, outs):
         n, kv = int(node.attrs["num_heads"]), int(node.attrs["kv_heads"])
-        d = q.shape[-1]
         full = []
         for new, past, out in ((k, past_k, outs[1]), (v, past_v, outs[2])):
             if past is not None:
@@ -96,8 +95,10 @@ class Attention(FusedOp):
                 full.append(emit.op("Identity", [new], [out])[0] if out is not None else new)
         if n != kv:  # repeat kv heads: [B,KV,T,D] -> [B,KV,G,T,D] -> [B,N,T,D]
             reps = emit.const([1, 1, n // kv, 1, 1])
+            # 0 copies B, -1 is T; each of K and V keeps its own head dim
             full = [emit.op("Reshape", [emit.op("Tile", [emit.op("Unsqueeze", [t, emit.const([2])])[0], reps])[0],
-                                        emit.const([0, n, -1, d])])[0] for t in full]
+                                        emit.const([0, n, -1, src.shape[-1]])])[0]
+                    for t, src in zip(full, (k, v))]
         kt = emit.op("Transpose", [full[0]], 1, {"perm": [0, 1, 3, 2]})[0]
         scores = emit.op("MatMul", [q, kt])[0]
         scores = emit.op("Mul", [scores, emit.const(float(node.attrs["scale"]), dtype_of(q))])[0]

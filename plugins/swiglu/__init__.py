@@ -52,9 +52,13 @@ class SwiGLU(FusedOp):
     def lower_ort(self, emit: Emitter, node, opset):
         kind = node.attrs.get("activation", "silu")
         if len(node.inputs) == 1:
-            width = node.inputs[0].shape[-1]
-            half = emit.const([width // 2, width // 2])
-            gate, up = emit.op("Split", [node.inputs[0], half], 2, {"axis": -1})
+            width = node.inputs[0].shape[-1] if node.inputs[0].shape else None
+            if isinstance(width, int):
+                gate, up = emit.op("Split", [node.inputs[0], emit.const([width // 2, width // 2])], 2, {"axis": -1})
+            elif opset >= 18:
+                gate, up = emit.op("Split", [node.inputs[0]], 2, {"axis": -1, "num_outputs": 2})
+            else:
+                gate, up = emit.op("Split", [node.inputs[0]], 2, {"axis": -1})  # equal halves
         else:
             gate, up = node.inputs
         if kind == "silu":
