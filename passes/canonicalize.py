@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from mmc.patterns import Const, Op, Rule, RuleStats, Var, apply_rules, bypass, rewrite_root
+from mmc.plugins.base import dtype_of
 from mmc.registry import PassResult, register_pass
 
 # wider type -> narrower types it holds exactly
@@ -31,13 +32,6 @@ EXACT_WIDENING = {
     np.dtype("int64"): {np.dtype(t) for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "bool")},
     np.dtype("int32"): {np.dtype(t) for t in ("int8", "int16", "int32", "uint8", "uint16", "bool")},
 }
-
-
-def _dtype(t: gs.Tensor):
-    try:
-        return np.dtype(t.dtype) if t.dtype is not None else None
-    except TypeError:
-        return None
 
 
 def _cast_to(node: gs.Node):
@@ -52,14 +46,14 @@ def _check_div_one(m):
 
 
 def _check_identity_cast(m):
-    src, to = _dtype(m["x"]), _cast_to(m.nodes["cast"])
+    src, to = dtype_of(m["x"]), _cast_to(m.nodes["cast"])
     if src is None:
         return f"dtype of {m['x'].name!r} is unknown"
     return None if src == to else f"casts {src} to {to}"
 
 
 def _check_roundtrip(m):
-    src, mid, out = _dtype(m["x"]), _cast_to(m.nodes["inner"]), _cast_to(m.nodes["outer"])
+    src, mid, out = dtype_of(m["x"]), _cast_to(m.nodes["inner"]), _cast_to(m.nodes["outer"])
     if src is None:
         return f"dtype of {m['x'].name!r} is unknown"
     if out != src:
