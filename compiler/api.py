@@ -37,6 +37,7 @@ class CompileResult:
     engine: Path
     records: list = field(default_factory=list)   # PassRecord per (component, pass)
     nodes: dict = field(default_factory=dict)     # component -> (nodes after export, nodes in engine)
+    quantization: dict | None = None              # config, per-layer errors, weight bytes, accuracy
 
 
 def source_hash(model_dir: Path) -> str:
@@ -92,7 +93,8 @@ def default_output(model: str | None) -> Path:
 
 def compile_model(model=None, *, output=None, passes="all", target: str = "ort", dump_dir=None,
                   verify_each: bool = False, check: bool | None = None, exporter: str = "dynamo",
-                  opset: int | None = None, pass_modules=(), progress: bool = True, seed: int = 0) -> CompileResult:
+                  opset: int | None = None, pass_modules=(), progress: bool = True, seed: int = 0,
+                  quantize: str | None = None, group_size: int = 128) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
     from mmc.runtime import engine_format as fmt
@@ -103,6 +105,10 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     for spec in pass_modules:
         registry.load_pass_module(spec)
     pipeline = registry.resolve_pipeline(passes)
+    quant = _quant_config(quantize, group_size)
+    if quant is not None:  # after the fusions (merged GEMMs quantize as one), before the final dce
+        at = len(pipeline) - 1 if pipeline and pipeline[-1] == "dce" else len(pipeline)
+        pipeline = pipeline[:at] + ["quantize-weights"] + pipeline[at:]
     model_dir, adapter, source = resolve(model)
     output = Path(output) if output else default_output(model)
     if output.exists() and not (output / fmt.MANIFEST).is_file():
@@ -127,7 +133,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             bar.step(f"exporting with the {exporter} exporter")
             components = adapter.export(torch_model, work, exporter=exporter, seed=seed, opset=opset)
             manager = PassManager(pipeline, dump_dir=dump, check=run_check, verify=verify_each,
-                                  stop_on_check_failure=verify_each, progress=bar.step)
+                                  stop_on_check_failure=verify_each, progress=bar.step, options={"quant": quant})
             manifest_components = {}
             for comp in components:
                 graph = ir.load_graph(comp.path)
@@ -135,6 +141,11 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 graph, records, _ = manager.run(comp.name, graph, comp.check_feeds)
                 result.records += records
                 fused_ops = {k: v for k, v in ir.op_counts(graph).items() if k.startswith("mmc.")}
+                if quant is not None and comp.name == "decoder":
+                    bar.step("measuring quantization accuracy")
+                    result.quantization = quantization_summary(
+                        quant, manager.options.get("quant_layers", {}), manager.float_models.get("decoder"),
+                        ir.to_model(graph), adapter, torch_model)
                 graph = lower_graph(graph, target)
                 model_proto = ir.to_model(graph)
                 rel = f"graphs/{comp.name}.onnx"
@@ -158,13 +169,14 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             if dump is not None:
                 (dump / "report.json").write_text(json.dumps({
                     "mmc_version": __version__, "model": source, "exporter": exporter, "opset": opset,
-                    "pipeline": pipeline, "passes": records_json(result.records)}, indent=1))
+                    "pipeline": pipeline, "passes": records_json(result.records),
+                    "quantization": result.quantization}, indent=1))
             fmt.write_manifest(stage, {
                 "mmc_version": __version__,
                 "source": {"id": source, "sha256": source_hash(model_dir), "family": adapter.family},
                 "exporter": exporter,
                 "passes": pipeline,
-                "quantization": None,
+                "quantization": result.quantization,
                 "target": target,
                 "target_info": {"runtime": "onnxruntime", "opset": int(model_proto.opset_import[0].version)},
                 "components": manifest_components,
@@ -177,9 +189,57 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     return result
 
 
+def _quant_config(quantize: str | None, group_size: int):
+    from .quantization import QuantConfig
+
+    if quantize is None:
+        return None
+    if quantize in ("int8", "w8a16"):
+        return QuantConfig("int8", keep_float=("lm_head", "patch_embed"))
+    if quantize in ("int4", "w4a16"):
+        if group_size < 16 or group_size & (group_size - 1):
+            raise MmcError(f"--group-size must be a power of two >= 16 (got {group_size})")
+        return QuantConfig("int4", group_size=group_size, keep_float=("lm_head", "patch_embed"))
+    if quantize in ("w8a8", "fp8"):
+        raise MmcError(f"quantization {quantize!r} is not implemented yet (available: --int8 [w8a16], --int4)")
+    raise MmcError(f"unknown quantization {quantize!r} (--int8 [w8a16] or --int4)")
+
+
+def quantization_summary(cfg, layers: dict, float_model, quant_model, adapter, torch_model) -> dict:
+    """Config, per-layer weight errors, decoder weight bytes (quantized vs their fp32 size,
+    float-kept layers reported apart) and logits accuracy on the calibration prompts."""
+    from .accuracy import calibration_ids, decoder_accuracy
+
+    meta = adapter.host_metadata()
+    dec = layers.get("decoder", [])
+    qbytes = sum(x["bytes"] for x in dec if "bits" in x)
+    fbytes = sum(x["float_bytes"] for x in dec if "bits" in x)
+    kept = [x for x in dec if "kept_float" in x]
+    out = cfg.describe()
+    out["weight_bytes"] = {"decoder_quantized": qbytes, "decoder_quantized_as_fp32": fbytes,
+                           "ratio": round(qbytes / fbytes, 4) if fbytes else None,
+                           "kept_float": {f"{x['kept_float']} ({x['node']})" if x["kept_float"] != x["node"]
+                                          else x["node"]: x["bytes"] for x in kept}}
+    out["layers"] = layers
+    if float_model is not None:
+        ids = calibration_ids(adapter.model_dir, meta["vocab_size"])
+        embed = adapter.host_weights(torch_model)["embed_tokens"]
+        out["accuracy"] = decoder_accuracy(float_model, quant_model, ids, embed, meta)
+    return out
+
+
 def summary_lines(result: CompileResult) -> list[str]:
     """The one-screen summary `mmc compile` prints: per component, what each pass changed."""
     lines = []
+    q = result.quantization
+    if q:
+        wb, acc = q["weight_bytes"], q.get("accuracy") or {}
+        lines.append(f"quantization {q['weights']} {q['granularity']}: decoder weights {wb['ratio']}x of fp32"
+                     f" (kept float: {', '.join(wb['kept_float']) or 'none'})")
+        if acc:
+            lines.append(f"  accuracy over {acc['positions']} positions: logits cosine {acc['logits_cosine_mean']:.5f}"
+                         f" (min {acc['logits_cosine_min']:.4f}), top-1 agreement {acc['top1_agreement']:.2%},"
+                         f" NLL {acc['nll_float']:.3f} -> {acc['nll_quantized']:.3f}")
     for comp, (before, after) in result.nodes.items():
         lines.append(f"{comp}: {before} -> {after} nodes")
         for r in (r for r in result.records if r.component == comp):

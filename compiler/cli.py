@@ -32,7 +32,8 @@ def cmd_compile(args) -> int:
 
     result = compile_model(
         args.model, output=args.output, passes=args.passes, target=args.target, dump_dir=args.dump_dir,
-        verify_each=args.verify_each, check=args.check, exporter=args.exporter, opset=args.opset, pass_modules=args.pass_module,
+        verify_each=args.verify_each, check=args.check, exporter=args.exporter, opset=args.opset,
+        quantize=args.int8 or args.int4, group_size=args.group_size, pass_modules=args.pass_module,
         progress=not args.quiet,
     )
     if not args.quiet:
@@ -160,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch ONNX exporter (default: dynamo; torchscript traces faster)")
     c.add_argument("--opset", type=int, default=None,
                    help="ONNX opset to export with (default: the exporter's; dynamo 17-23, torchscript 14-20)")
+    q = c.add_mutually_exclusive_group()
+    q.add_argument("--int8", nargs="?", const="w8a16", default=None, metavar="MODE",
+                   help="int8 weights, per output channel (W8A16; the default MODE)")
+    q.add_argument("--int4", action="store_const", const="int4", default=None,
+                   help="int4 weights, group-wise (W4A16; see --group-size)")
+    c.add_argument("--group-size", type=int, default=128, help="int4 group size along K (default: 128)")
     c.add_argument("--dump-dir", help="write the text IR after every pass and report.json here")
     c.add_argument("--verify-each", action="store_true",
                    help="verify the graph and check its outputs after every pass; stop at the first that fails")

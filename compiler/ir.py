@@ -63,6 +63,16 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
         return None
 
 
+def upgrade_opset(graph: gs.Graph, opset: int) -> None:
+    """Convert `graph` in place to default-domain `opset` with ONNX's version converter (custom
+    domains, e.g. mmc ops, pass through unchanged)."""
+    from onnx import version_converter
+
+    converted = gs.import_onnx(version_converter.convert_version(to_model(graph), opset))
+    graph.nodes, graph.inputs, graph.outputs = converted.nodes, converted.inputs, converted.outputs
+    graph.opset, graph.import_domains = converted.opset, converted.import_domains
+
+
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
     return gs.export_onnx(graph, do_type_check=False)
 
@@ -117,12 +127,21 @@ def _dtype(t: gs.Tensor) -> str:
         return str(t.dtype)
 
 
+def const_nbytes(t: gs.Constant) -> int:
+    """Stored size of a weight from its dtype and shape (int4 packs two per byte), without
+    loading it: gs caches a loaded value, and it cannot export int4 arrays it loaded."""
+    size = int(np.prod(t.shape))
+    try:
+        return size * np.dtype(t.dtype).itemsize
+    except TypeError:  # int4/uint4/fp4: no numpy dtype
+        return -(-size // 2)
+
+
 def describe_value(t: gs.Tensor) -> str:
     """`%name` for activations; `@name<dtype[shape]>` for weights (values of <=4 elements shown)."""
     if isinstance(t, gs.Constant):
-        arr = t.values
-        if arr.size <= 4:
-            return f"@{t.name}<{_dtype(t)}{_dims(t)}={np.asarray(arr).reshape(-1).tolist()}>"
+        if int(np.prod(t.shape)) <= 4:  # shape, not values: reading values would load lazy weights
+            return f"@{t.name}<{_dtype(t)}{_dims(t)}={np.asarray(t.values).reshape(-1).tolist()}>"
         return f"@{t.name}<{_dtype(t)}{_dims(t)}>"
     if not t.name:
         return "%<none>"
@@ -160,7 +179,7 @@ def graph_text(graph: gs.Graph, origins: dict[str, str] | None = None) -> str:
     for t in graph.outputs:
         lines.append(f"  output %{t.name}: {_dtype(t)}{_dims(t)}")
     weights = {t.name: t for n in graph.nodes for t in n.inputs if isinstance(t, gs.Constant)}
-    nbytes = sum(t.values.nbytes for t in weights.values())
+    nbytes = sum(const_nbytes(t) for t in weights.values())
     lines.append(f"  weights: {len(weights)} tensors, {nbytes / 2**20:.2f} MiB")
     lines += [node_line(n, origins.get(n.name, "export")) for n in graph.nodes]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,8 @@
                   (Attention, RotaryEmbedding: opset 23) get it by converting the graph's opset
                   with ONNX's version converter first; if that fails, the fallback faces run.
 
+                  Weight-only Q/DQ GEMMs (DequantizeLinear -> MatMul) become MatMulNBits.
+
 The pass pipeline works on graphs with mmc ops; the numerical check, the verifier and the
 engine writer see them lowered (`lower_model`), so every fused graph runs in ONNX Runtime.
 """
@@ -24,19 +26,12 @@ def has_fused_ops(graph: gs.Graph) -> bool:
     return any(n.domain == DOMAIN for n in graph.nodes)
 
 
-def _upgrade_opset(graph: gs.Graph, opset: int) -> gs.Graph:
-    from onnx import version_converter
-
-    model = ir.to_model(graph)
-    converted = version_converter.convert_version(model, opset)
-    return gs.import_onnx(converted)
-
-
 def lower_graph(graph: gs.Graph, target: str = "ort", upgrade: bool = True) -> gs.Graph:
     """Return `graph` (modified in place, or a converted copy) with no mmc nodes left;
     `upgrade=False` keeps the opset (the fallback faces run where a face needs a newer one)."""
     if target != "ort":
         raise ValueError(f"no lowering for target {target!r}")
+    lower_quantized_gemms(graph)
     fused = [n for n in graph.nodes if n.domain == DOMAIN]
     if not fused:
         return graph
@@ -48,7 +43,7 @@ def lower_graph(graph: gs.Graph, target: str = "ort", upgrade: bool = True) -> g
     want = max(OPS[n.op].min_opset for n in fused)
     if upgrade and graph.opset < want:
         try:
-            graph = _upgrade_opset(graph, want)
+            ir.upgrade_opset(graph, want)
         except Exception:  # the converter lacks an adapter for some op: the fallback faces run
             pass
     for node in [n for n in graph.nodes if n.domain == DOMAIN]:
@@ -59,6 +54,54 @@ def lower_graph(graph: gs.Graph, target: str = "ort", upgrade: bool = True) -> g
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     _share_face_constants(graph)
     return graph
+
+
+def lower_quantized_gemms(graph: gs.Graph) -> int:
+    """MatMul(x, DequantizeLinear(@Wq, @s)) -> com.microsoft.MatMulNBits (ORT's weight-only
+    GEMM: int8 per channel as one block of next_pow2(K) rows, int4 in blocks of g). Returns the
+    number rewritten; anything else in Q/DQ form stays for ORT's own QDQ handling."""
+    import numpy as np
+
+    from . import quantization as qz
+
+    done = 0
+    for node in list(graph.nodes):
+        if node.op != "MatMul" or node.domain or len(node.inputs) != 2 or len(node.inputs[1].inputs) != 1:
+            continue
+        dq = node.inputs[1].inputs[0]
+        if dq.op != "DequantizeLinear" or len(dq.inputs) > 2 and dq.inputs[2].name:
+            continue  # zero points: not produced by mmc's symmetric quantizer
+        wq, scale = dq.inputs[0], dq.inputs[1]
+        if not isinstance(wq, gs.Constant) or not isinstance(scale, gs.Constant):
+            continue
+        q = np.asarray(wq.values)
+        if q.ndim != 2:
+            continue
+        k, n = q.shape
+        s = np.asarray(scale.values, dtype=np.float32)
+        if s.ndim == 1 and dq.attrs.get("axis", 1) in (1, -1) and q.dtype == np.int8:
+            bits, block, scales = 8, qz.next_pow2(k), s.reshape(n, 1)
+        elif s.ndim == 2 and dq.attrs.get("axis") == 0 and "block_size" in dq.attrs:
+            bits, block, scales = 4, int(dq.attrs["block_size"]), s.T
+            if block < 16 or block & (block - 1):
+                continue  # MatMulNBits blocks are powers of two >= 16
+        else:
+            continue
+        q = q.astype(np.int8)
+        packed = qz.pack_matmulnbits(q, bits, block)
+        tag = f"nbits{bits}_{done}"
+        new = gs.Node("MatMulNBits", f"{node.name or 'gemm'}/{tag}",
+                      {"K": k, "N": n, "bits": bits, "block_size": block},
+                      [node.inputs[0], gs.Constant(f"{wq.name or 'w'}_{tag}", packed),
+                       gs.Constant(f"{scale.name or 's'}_{tag}", np.ascontiguousarray(scales))],
+                      list(node.outputs), domain="com.microsoft")
+        node.outputs.clear()
+        at = next(i for i, x in enumerate(graph.nodes) if x is node)
+        graph.nodes[at] = new
+        done += 1
+    if done:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return done
 
 
 def _share_face_constants(graph: gs.Graph) -> None:
@@ -72,7 +115,7 @@ def _share_face_constants(graph: gs.Graph) -> None:
 
 
 def lower_model(model: onnx.ModelProto, target: str = "ort") -> onnx.ModelProto:
-    """A lowered copy of `model` (unchanged if it has no mmc ops)."""
-    if not any(n.domain == DOMAIN for n in model.graph.node):
+    """A lowered copy of `model` (unchanged if it has no mmc ops and no Q/DQ weights)."""
+    if not any(n.domain == DOMAIN or n.op_type == "DequantizeLinear" for n in model.graph.node):
         return model
     return ir.to_model(lower_graph(gs.import_onnx(model), target))

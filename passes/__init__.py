@@ -16,3 +16,4 @@ from . import fuse_swiglu  # noqa: F401
 from . import horizontal_gemm  # noqa: F401
 from . import fuse_skip_norm  # noqa: F401
 from . import dead_code  # noqa: F401
+from . import quantize_weights  # noqa: F401  (not in the default pipeline: --int8 / --int4 add it)

@@ -1,0 +1,104 @@
+"""Weight quantization helpers: symmetric per-output-channel and group-wise (block) integer
+quantization of a [K, N] GEMM weight, dequantization, the packing ONNX Runtime's MatMulNBits
+reads, and the error measures the accuracy report uses.
+
+    per-channel (bits b, axis = output column n):  s[n]    = max_k |W[k, n]| / (2^(b-1) - 1)
+    group-wise  (group g along K):                 s[j, n] = max_{k in block j} |W[k, n]| / (2^(b-1) - 1)
+    q = clip(round(W / s), -2^(b-1), 2^(b-1) - 1);   Ŵ = q * s
+
+All-zero columns/blocks get scale 1 (q = 0, Ŵ = 0 exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    mode: str = "int8"                # "int8" (W8A16 per output channel) | "int4" (W4A16 group-wise)
+    group_size: int = 128             # int4 only
+    keep_float: tuple = ("lm_head",)  # layers left in float: "lm_head" (the logits GEMM) and names
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.mode == "int8" else 4
+
+    def describe(self) -> dict:
+        d = {"mode": self.mode, "weights": f"int{self.bits}", "activations": "float",
+             "granularity": "per-output-channel" if self.mode == "int8" else f"group-{self.group_size}",
+             "symmetric": True, "keep_float": list(self.keep_float)}
+        return d
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _safe(scale: np.ndarray) -> np.ndarray:
+    return np.where(scale > 0, scale, 1.0)
+
+
+def quantize_per_channel(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """w [K, N] -> (q [K, N] int8 holding b-bit values, scale [N] float32)."""
+    lo, hi = qrange(bits)
+    w64 = w.astype(np.float64)
+    scale = _safe(np.abs(w64).max(axis=0) / hi)
+    q = np.clip(np.rint(w64 / scale), lo, hi).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def quantize_blockwise(w: np.ndarray, bits: int = 4, group: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """w [K, N] -> (q [K, N] int8 holding b-bit values, scale [ceil(K/g), N] float32);
+    the last block may be short (K not a multiple of g)."""
+    lo, hi = qrange(bits)
+    k = w.shape[0]
+    blocks = -(-k // group)
+    padded = np.zeros((blocks * group, w.shape[1]), dtype=np.float64)
+    padded[:k] = w
+    b = padded.reshape(blocks, group, -1)
+    scale = _safe(np.abs(b).max(axis=1) / hi)                           # [blocks, N]
+    q = np.clip(np.rint(b / scale[:, None, :]), lo, hi).astype(np.int8)
+    return q.reshape(blocks * group, -1)[:k], scale.astype(np.float32)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, group: int | None = None) -> np.ndarray:
+    """Ŵ [K, N] float32 from per-channel (scale [N]) or group-wise (scale [blocks, N]) codes."""
+    if scale.ndim == 1:
+        return (q.astype(np.float64) * scale).astype(np.float32)
+    s = np.repeat(scale.astype(np.float64), group, axis=0)[: q.shape[0]]
+    return (q.astype(np.float64) * s).astype(np.float32)
+
+
+def pack_matmulnbits(q: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """Signed codes q [K, N] -> MatMulNBits' B: uint8 [N, ceil(K/block), block*bits/8], codes
+    offset by 2^(bits-1) (its default zero point), low nibble first for 4 bits; a short last
+    block is padded with the zero point (adds 0)."""
+    k, n = q.shape
+    blocks = -(-k // block)
+    zp = 2 ** (bits - 1)
+    codes = np.full((blocks * block, n), zp, dtype=np.uint8)
+    codes[:k] = (q.astype(np.int16) + zp).astype(np.uint8)
+    codes = codes.reshape(blocks, block, n).transpose(2, 0, 1)             # [N, blocks, block]
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return np.ascontiguousarray(codes.astype(np.uint8))
+
+
+def weight_error(w: np.ndarray, w_hat: np.ndarray) -> dict:
+    """Relative Frobenius error and SNR (dB) of a reconstructed weight."""
+    w64, err = w.astype(np.float64), w.astype(np.float64) - w_hat.astype(np.float64)
+    signal, noise = float((w64 ** 2).sum()), float((err ** 2).sum())
+    return {"rel_error": float(np.sqrt(noise / signal)) if signal else 0.0,
+            "snr_db": float(10 * np.log10(signal / noise)) if noise else float("inf")}
+
+
+def next_pow2(n: int, least: int = 16) -> int:
+    p = least
+    while p < n:
+        p *= 2
+    return p
+
