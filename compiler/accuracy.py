@@ -76,3 +76,35 @@ def decoder_accuracy(float_model, quant_model, ids: np.ndarray, embed: np.ndarra
     ref = run_model(float_model, feeds)["logits"]
     got = run_model(quant_model, feeds)["logits"]
     return compare_logits(ref, got, ids)
+
+
+def budget_search(graph, originals: dict, float_model, ids, embed, meta: dict, min_top1: float,
+                  max_steps: int = 64) -> dict:
+    """Greedy accuracy budget: while top-1 agreement < `min_top1`, try putting each quantized
+    GEMM of `graph` back in float (its original weight from `originals`, node name -> weight),
+    keep the one that helps most, repeat. `graph` is modified in place; returns what was kept
+    and the accuracy reached."""
+    from . import ir
+
+    def accuracy() -> dict:
+        return decoder_accuracy(float_model, ir.to_model(graph), ids, embed, meta)
+
+    by_name = {n.name: n for n in graph.nodes if n.op == "MatMul" and n.name in originals}
+    current, kept, evaluations = accuracy(), [], 1
+    while current["top1_agreement"] < min_top1 and by_name and len(kept) < max_steps:
+        best = None
+        for name, node in by_name.items():
+            quantized = node.inputs[1]
+            node.inputs[1] = originals[name]
+            trial = accuracy()
+            evaluations += 1
+            node.inputs[1] = quantized
+            key = (trial["top1_agreement"], trial["logits_cosine_mean"])
+            if best is None or key > best[0]:
+                best = (key, name, trial)
+        _, name, current = best
+        by_name.pop(name).inputs[1] = originals[name]
+        kept.append(name)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return {"min_top1": min_top1, "met": current["top1_agreement"] >= min_top1, "kept_float": kept,
+            "evaluations": evaluations, "accuracy": current}

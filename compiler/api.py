@@ -94,7 +94,8 @@ def default_output(model: str | None) -> Path:
 def compile_model(model=None, *, output=None, passes="all", target: str = "ort", dump_dir=None,
                   verify_each: bool = False, check: bool | None = None, exporter: str = "dynamo",
                   opset: int | None = None, pass_modules=(), progress: bool = True, seed: int = 0,
-                  quantize: str | None = None, group_size: int = 128) -> CompileResult:
+                  quantize: str | None = None, group_size: int = 128,
+                  max_drop: float | None = None) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
     from mmc.runtime import engine_format as fmt
@@ -106,6 +107,9 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
         registry.load_pass_module(spec)
     pipeline = registry.resolve_pipeline(passes)
     quant = _quant_config(quantize, group_size)
+    if max_drop is not None and (quant is None or not 0 <= max_drop < 100):
+        raise MmcError("--max-drop PCT needs --int8 or --int4 and 0 <= PCT < 100" if quant is not None
+                       else "--max-drop needs --int8 or --int4")
     if quant is not None:  # after the fusions (merged GEMMs quantize as one), before the final dce
         at = len(pipeline) - 1 if pipeline and pipeline[-1] == "dce" else len(pipeline)
         pipeline = pipeline[:at] + ["quantize-weights"] + pipeline[at:]
@@ -145,7 +149,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                     bar.step("measuring quantization accuracy")
                     result.quantization = quantization_summary(
                         quant, manager.options.get("quant_layers", {}), manager.float_models.get("decoder"),
-                        ir.to_model(graph), adapter, torch_model)
+                        graph, adapter, torch_model, max_drop,
+                        manager.options.get("quant_originals", {}).get("decoder", {}))
                 graph = lower_graph(graph, target)
                 model_proto = ir.to_model(graph)
                 rel = f"graphs/{comp.name}.onnx"
@@ -205,12 +210,25 @@ def _quant_config(quantize: str | None, group_size: int):
     raise MmcError(f"unknown quantization {quantize!r} (--int8 [w8a16] or --int4)")
 
 
-def quantization_summary(cfg, layers: dict, float_model, quant_model, adapter, torch_model) -> dict:
+def quantization_summary(cfg, layers: dict, float_model, graph, adapter, torch_model,
+                         max_drop: float | None = None, originals: dict | None = None) -> dict:
     """Config, per-layer weight errors, decoder weight bytes (quantized vs their fp32 size,
-    float-kept layers reported apart) and logits accuracy on the calibration prompts."""
-    from .accuracy import calibration_ids, decoder_accuracy
+    float-kept layers reported apart) and logits accuracy on the calibration prompts. With
+    `max_drop` (percent of top-1 agreement), the budget search first puts the most harmful
+    decoder GEMMs back in float (modifying `graph`) until the budget holds."""
+    from .accuracy import budget_search, calibration_ids, decoder_accuracy
 
     meta = adapter.host_metadata()
+    budget = None
+    if max_drop is not None and float_model is not None:
+        ids = calibration_ids(adapter.model_dir, meta["vocab_size"])
+        embed = adapter.host_weights(torch_model)["embed_tokens"]
+        budget = budget_search(graph, originals or {}, float_model, ids, embed, meta, 1 - max_drop / 100)
+        restored = set(budget["kept_float"])
+        for x in layers.get("decoder", []):
+            if x["node"] in restored:
+                x.pop("bits", None)
+                x["kept_float"], x["bytes"] = "budget", x.pop("float_bytes")
     dec = layers.get("decoder", [])
     qbytes = sum(x["bytes"] for x in dec if "bits" in x)
     fbytes = sum(x["float_bytes"] for x in dec if "bits" in x)
@@ -221,10 +239,13 @@ def quantization_summary(cfg, layers: dict, float_model, quant_model, adapter, t
                            "kept_float": {f"{x['kept_float']} ({x['node']})" if x["kept_float"] != x["node"]
                                           else x["node"]: x["bytes"] for x in kept}}
     out["layers"] = layers
-    if float_model is not None:
+    if budget is not None:
+        out["budget"] = {k: v for k, v in budget.items() if k != "accuracy"}
+        out["accuracy"] = budget["accuracy"]
+    elif float_model is not None:
         ids = calibration_ids(adapter.model_dir, meta["vocab_size"])
         embed = adapter.host_weights(torch_model)["embed_tokens"]
-        out["accuracy"] = decoder_accuracy(float_model, quant_model, ids, embed, meta)
+        out["accuracy"] = decoder_accuracy(float_model, ir.to_model(graph), ids, embed, meta)
     return out
 
 
@@ -236,6 +257,10 @@ def summary_lines(result: CompileResult) -> list[str]:
         wb, acc = q["weight_bytes"], q.get("accuracy") or {}
         lines.append(f"quantization {q['weights']} {q['granularity']}: decoder weights {wb['ratio']}x of fp32"
                      f" (kept float: {', '.join(wb['kept_float']) or 'none'})")
+        if q.get("budget"):
+            b = q["budget"]
+            lines.append(f"  budget top-1 >= {b['min_top1']:.2%}: {'met' if b['met'] else 'NOT met'}, "
+                         f"{len(b['kept_float'])} GEMMs kept in float ({b['evaluations']} evaluations)")
         if acc:
             lines.append(f"  accuracy over {acc['positions']} positions: logits cosine {acc['logits_cosine_mean']:.5f}"
                          f" (min {acc['logits_cosine_min']:.4f}), top-1 agreement {acc['top1_agreement']:.2%},"

@@ -33,7 +33,7 @@ def cmd_compile(args) -> int:
     result = compile_model(
         args.model, output=args.output, passes=args.passes, target=args.target, dump_dir=args.dump_dir,
         verify_each=args.verify_each, check=args.check, exporter=args.exporter, opset=args.opset,
-        quantize=args.int8 or args.int4, group_size=args.group_size, pass_modules=args.pass_module,
+        quantize=args.int8 or args.int4, group_size=args.group_size, max_drop=args.max_drop, pass_modules=args.pass_module,
         progress=not args.quiet,
     )
     if not args.quiet:
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--int4", action="store_const", const="int4", default=None,
                    help="int4 weights, group-wise (W4A16; see --group-size)")
     c.add_argument("--group-size", type=int, default=128, help="int4 group size along K (default: 128)")
+    c.add_argument("--max-drop", type=float, default=None, metavar="PCT",
+                   help="accuracy budget: keep decoder GEMMs in float until top-1 agreement >= 100-PCT %%")
     c.add_argument("--dump-dir", help="write the text IR after every pass and report.json here")
     c.add_argument("--verify-each", action="store_true",
                    help="verify the graph and check its outputs after every pass; stop at the first that fails")

@@ -75,6 +75,8 @@ class QuantizeWeights:
                 layers.append({"node": node.name, "shape": list(values.shape), "kept_float": kept,
                                "bytes": int(values.nbytes)})
                 continue
+            originals = ctx.options.setdefault("quant_originals", {}).setdefault(ctx.component, {})
+            originals[node.name] = w  # the budget search can put a layer back in float
             node.inputs[1] = self._dequantized(graph, ctx, node, values, cfg, layers)
             hits["quantized"] += 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
