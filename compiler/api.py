@@ -220,9 +220,10 @@ def quantization_summary(cfg, layers: dict, float_model, graph, adapter, torch_m
 
     meta = adapter.host_metadata()
     budget = None
-    if max_drop is not None and float_model is not None:
+    if float_model is not None:
         ids = calibration_ids(adapter.model_dir, meta["vocab_size"])
         embed = adapter.host_weights(torch_model)["embed_tokens"]
+    if max_drop is not None and float_model is not None:
         budget = budget_search(graph, originals or {}, float_model, ids, embed, meta, 1 - max_drop / 100)
         restored = set(budget["kept_float"])
         for x in layers.get("decoder", []):
@@ -243,8 +244,6 @@ def quantization_summary(cfg, layers: dict, float_model, graph, adapter, torch_m
         out["budget"] = {k: v for k, v in budget.items() if k != "accuracy"}
         out["accuracy"] = budget["accuracy"]
     elif float_model is not None:
-        ids = calibration_ids(adapter.model_dir, meta["vocab_size"])
-        embed = adapter.host_weights(torch_model)["embed_tokens"]
         out["accuracy"] = decoder_accuracy(float_model, ir.to_model(graph), ids, embed, meta)
     return out
 

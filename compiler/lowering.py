@@ -22,12 +22,8 @@ from mmc.plugins.base import Emitter
 from . import ir
 
 
-def has_fused_ops(graph: gs.Graph) -> bool:
-    return any(n.domain == DOMAIN for n in graph.nodes)
-
-
 def lower_graph(graph: gs.Graph, target: str = "ort", upgrade: bool = True) -> gs.Graph:
-    """Return `graph` (modified in place, or a converted copy) with no mmc nodes left;
+    """Lower `graph` in place (returned for chaining): no mmc nodes left, Q/DQ GEMMs as MatMulNBits;
     `upgrade=False` keeps the opset (the fallback faces run where a face needs a newer one)."""
     if target != "ort":
         raise ValueError(f"no lowering for target {target!r}")

@@ -101,21 +101,22 @@ def _producer(t: gs.Tensor) -> gs.Node | None:
     return t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
 
 
+def _bind(name: str, t: gs.Tensor, m: Match, where: str) -> Match:
+    """A name used twice in a pattern (Var or Const) must bind one tensor."""
+    bound = m.values.get(name)
+    if bound is not None and bound is not t:
+        raise Miss(f"{where}: {name} is bound to {bound.name!r}, not {t.name!r}", m.size)
+    m.values[name] = t
+    return m
+
+
 def _match_value(p: Pattern, t: gs.Tensor, m: Match, where: str) -> Match:
     if isinstance(p, Var):
-        bound = m.values.get(p.name)
-        if bound is not None and bound is not t:
-            raise Miss(f"{where}: {p.name} is bound to {bound.name!r}, not {t.name!r}", m.size)
-        m.values[p.name] = t
-        return m
+        return _bind(p.name, t, m, where)
     if isinstance(p, Const):
         if not isinstance(t, gs.Constant):
             raise Miss(f"{where}: {p.name} must be a constant, got activation {t.name!r}", m.size)
-        bound = m.values.get(p.name)
-        if bound is not None and bound is not t:
-            raise Miss(f"{where}: {p.name} is bound to {bound.name!r}, not {t.name!r}", m.size)
-        m.values[p.name] = t
-        return m
+        return _bind(p.name, t, m, where)
     if isinstance(p, AnyOf):
         best: Miss | None = None
         for option in p.options:

@@ -11,7 +11,7 @@ All-zero columns/blocks get scale 1 (q = 0, Ŵ = 0 exactly).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,17 +21,15 @@ class QuantConfig:
     mode: str = "int8"                # "int8" (W8A16 per output channel) | "int4" (W4A16 group-wise)
     group_size: int = 128             # int4 only
     keep_float: tuple = ("lm_head",)  # layers left in float: "lm_head" (the logits GEMM) and names
-    extra: dict = field(default_factory=dict)
 
     @property
     def bits(self) -> int:
         return 8 if self.mode == "int8" else 4
 
     def describe(self) -> dict:
-        d = {"mode": self.mode, "weights": f"int{self.bits}", "activations": "float",
+        return {"mode": self.mode, "weights": f"int{self.bits}", "activations": "float",
              "granularity": "per-output-channel" if self.mode == "int8" else f"group-{self.group_size}",
              "symmetric": True, "keep_float": list(self.keep_float)}
-        return d
 
 
 def qrange(bits: int) -> tuple[int, int]:

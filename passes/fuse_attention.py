@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from mmc.patterns import AnyOf, Const, Op, Rule, Var
 from mmc.registry import PassResult, register_pass
 
-from .fusion_util import const_value, depends_on, fused_node, int_list, last_dim, rank, run_rules
+from .fusion_util import const_value, depends_on, fused_node, int_list, last_dim, rank, run_rules, same_dims
 
 
 def _kv(name: str):
@@ -107,12 +107,6 @@ def _finite(t: gs.Tensor | None) -> bool:
     return False
 
 
-def _same_dims(a, b) -> bool:
-    """Two shapes are provably equal: same length, every dim known and equal."""
-    return a is not None and b is not None and len(a) == len(b) and all(
-        x is not None and x == y for x, y in zip(a, b))
-
-
 def _scale(m) -> float | None:
     s = 1.0
     for key in ("qscale", "kscale", "sscale"):
@@ -142,8 +136,8 @@ def _repeat_factor(m, name: str) -> int | str:
     if s is None or e is None or o is None or len(s) != 4 or len(e) != 5 or len(o) != 4:
         return f"repeat_kv of {name}: shapes unknown, cannot prove [B, KV, T, D] -> [B, KV*g, T, D]"
     g = e[2]
-    if not isinstance(g, int) or not isinstance(s[1], int) or not _same_dims(e, [s[0], s[1], g, s[2], s[3]]) \
-            or not _same_dims(o, [s[0], s[1] * g, s[2], s[3]]):
+    if not isinstance(g, int) or not isinstance(s[1], int) or not same_dims(e, [s[0], s[1], g, s[2], s[3]]) \
+            or not same_dims(o, [s[0], s[1] * g, s[2], s[3]]):
         return f"repeat_kv of {name} is not [B, KV, T, D] -> [B, KV, g, T, D] -> [B, KV*g, T, D] ({s} -> {e} -> {o})"
     return g
 
@@ -206,7 +200,7 @@ def _check_decomposed(m) -> str | None:
         k = src.shape
         # flat keeps K's last two dims, so its first is B*N; out splits it back as [B, N]
         if k is None or len(k) != 4 or flat.shape is None or len(flat.shape) != 3 or \
-                not _same_dims(flat.shape[1:], k[2:]) or not _same_dims(out.shape, [k[0], k[1], k[3], k[2]]):
+                not same_dims(flat.shape[1:], k[2:]) or not same_dims(out.shape, [k[0], k[1], k[3], k[2]]):
             return f"K's reshape-transpose-reshape is not Kᵀ over the last two axes ({k} -> {flat.shape} -> {out.shape})"
     if _scale(m) is None:
         return "the attention scale is not a scalar constant"

@@ -20,21 +20,15 @@ from mmc.patterns import Op, Rule, Var
 from mmc.plugins import DOMAIN
 from mmc.registry import PassResult, register_pass
 
-from .fusion_util import fused_node, run_rules
+from .fusion_util import fused_node, run_rules, same_dims
 
 
 def _pattern(op: str) -> Op:
     return Op(op, Op("Add", Var("a"), Var("b"), label="add"), Var("w"), domain=DOMAIN)
 
 
-def _same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
-    """Provably equal: every dim known (a number or a named symbol) and equal."""
-    return a.shape is not None and b.shape is not None and len(a.shape) == len(b.shape) and all(
-        x is not None and x != "" and x == y for x, y in zip(a.shape, b.shape))
-
-
 def _check(m) -> str | None:
-    if not _same_shape(m["a"], m["b"]):
+    if not same_dims(m["a"].shape, m["b"].shape):
         return f"the Add broadcasts ({m['a'].shape} + {m['b'].shape}); the skip op needs equal shapes"
     return None
 

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from mmc.patterns import Const, Op, Rule, Var
 from mmc.registry import PassResult, register_pass
 
-from .fusion_util import fused_node, run_rules
+from .fusion_util import fused_node, run_rules, same_dims
 
 SILU = Op("Mul", Op("Mul", Var("g"), Op("Sigmoid", Var("g")), commute=True), Var("up"), commute=True)
 GELU = Op("Mul", Op("Gelu", Var("g"), label="gelu"), Var("up"), commute=True)
@@ -33,7 +33,7 @@ GELU_ERF = Op("Mul", Op("Mul", Op("Mul", Var("g"), Const("half"), commute=True),
 
 def _same_shape(m) -> str | None:
     g, u = m["g"], m["up"]
-    if g.shape is None or u.shape is None or list(g.shape) != list(u.shape):
+    if not same_dims(g.shape, u.shape):
         return f"gate {g.shape} and up {u.shape} differ in shape"
     if g is u:
         return "gate and up are the same tensor (x*silu(x) is SiLU, not a gated MLP)"

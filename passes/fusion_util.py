@@ -33,6 +33,13 @@ def rank(t: gs.Tensor) -> int | None:
     return len(t.shape) if t.shape is not None else None
 
 
+def same_dims(a, b) -> bool:
+    """Two shapes are provably equal: same length, every dim known (a number or a named
+    symbol) and equal."""
+    return a is not None and b is not None and len(a) == len(b) and all(
+        x is not None and x != "" and x == y for x, y in zip(a, b))
+
+
 def last_dim(t: gs.Tensor):
     return t.shape[-1] if t.shape else None
 
@@ -51,16 +58,16 @@ def fused_node(graph: gs.Graph, ctx, op: str, inputs: list, outputs: list, attrs
     return node
 
 
-def depends_on(tensors: list[gs.Tensor], targets: set[int], stop: set[int] = frozenset()) -> bool:
+def depends_on(tensors: list[gs.Tensor], targets: set[int]) -> bool:
     """Whether any of `tensors` is computed from a tensor whose id is in `targets` (walking
-    producers up to graph inputs and weights; ids in `stop` are not walked through)."""
+    producers up to graph inputs and weights)."""
     seen: set[int] = set()
     stack = list(tensors)
     while stack:
         t = stack.pop()
         if id(t) in targets:
             return True
-        if id(t) in seen or id(t) in stop or not isinstance(t, gs.Variable):
+        if id(t) in seen or not isinstance(t, gs.Variable):
             continue
         seen.add(id(t))
         for producer in t.inputs:
@@ -77,7 +84,6 @@ def run_rules(graph: gs.Graph, ctx, *rule_sets):
     stats = RuleStats()
     for rules in rule_sets:
         apply_rules(graph, rules, ctx, stats)
-        graph.toposort()
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     ctx.near_misses.update(stats.near_miss)
     return PassResult(modified=sum(stats.hits.values()) > 0, stats=dict(stats.hits))
