@@ -95,7 +95,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                   verify_each: bool = False, check: bool | None = None, exporter: str = "dynamo",
                   opset: int | None = None, pass_modules=(), progress: bool = True, seed: int = 0,
                   quantize: str | None = None, group_size: int = 128,
-                  max_drop: float | None = None) -> CompileResult:
+                  max_drop: float | None = None, calib=None, calib_method: str = "minmax",
+                  calib_percentile: float = 99.99, smooth_alpha: float | None = 0.5) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
     from mmc.runtime import engine_format as fmt
@@ -106,13 +107,20 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     for spec in pass_modules:
         registry.load_pass_module(spec)
     pipeline = registry.resolve_pipeline(passes)
-    quant = _quant_config(quantize, group_size)
+    quant = _quant_config(quantize, group_size, smooth_alpha)
     if max_drop is not None and (quant is None or not 0 <= max_drop < 100):
-        raise MmcError("--max-drop PCT needs --int8 or --int4 and 0 <= PCT < 100" if quant is not None
-                       else "--max-drop needs --int8 or --int4")
+        raise MmcError("--max-drop PCT needs quantization and 0 <= PCT < 100" if quant is not None
+                       else "--max-drop needs --int8, --int4 or --fp8")
+    if calib is not None and quant is None:
+        raise MmcError("--calib needs --int8, --int4 or --fp8")
+    samples = None
+    if calib is not None:
+        from .calibration import load_jsonl
+
+        samples = load_jsonl(calib)
     if quant is not None:  # after the fusions (merged GEMMs quantize as one), before the final dce
         at = len(pipeline) - 1 if pipeline and pipeline[-1] == "dce" else len(pipeline)
-        pipeline = pipeline[:at] + ["quantize-weights"] + pipeline[at:]
+        pipeline = pipeline[:at] + quant_passes(quant) + pipeline[at:]
     model_dir, adapter, source = resolve(model)
     output = Path(output) if output else default_output(model)
     if output.exists() and not (output / fmt.MANIFEST).is_file():
@@ -127,7 +135,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
         dump.mkdir(parents=True, exist_ok=True)
     run_check = bool(check) if check is not None else (verify_each or dump is not None)
 
-    bar = _Progress(total=3 + 2 * max(1, len(pipeline)), enabled=progress)
+    bar = _Progress(total=3 + 2 * max(1, len(pipeline)) + 2 * (quant is not None), enabled=progress)
     result = CompileResult(engine=output)
     try:
         with tempfile.TemporaryDirectory(prefix="mmc-export-") as work, fmt.write_engine_dir(output) as stage:
@@ -136,8 +144,14 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             torch_model = adapter.load_torch_model()
             bar.step(f"exporting with the {exporter} exporter")
             components = adapter.export(torch_model, work, exporter=exporter, seed=seed, opset=opset)
+            options = {"quant": quant}
+            if quant is not None:
+                bar.step("calibrating" + (f" on {calib}" if calib else " on the built-in set"))
+                options["calibration"] = _calibration(adapter, torch_model, components, samples,
+                                                      str(calib) if calib else "built-in", calib_method,
+                                                      calib_percentile)
             manager = PassManager(pipeline, dump_dir=dump, check=run_check, verify=verify_each,
-                                  stop_on_check_failure=verify_each, progress=bar.step, options={"quant": quant})
+                                  stop_on_check_failure=verify_each, progress=bar.step, options=options)
             manifest_components = {}
             for comp in components:
                 graph = ir.load_graph(comp.path)
@@ -148,9 +162,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 if quant is not None and comp.name == "decoder":
                     bar.step("measuring quantization accuracy")
                     result.quantization = quantization_summary(
-                        quant, manager.options.get("quant_layers", {}), manager.float_models.get("decoder"),
-                        graph, adapter, torch_model, max_drop,
-                        manager.options.get("quant_originals", {}).get("decoder", {}))
+                        quant, manager.options, manager.float_models.get("decoder"), graph, max_drop)
                 graph = lower_graph(graph, target)
                 model_proto = ir.to_model(graph)
                 rel = f"graphs/{comp.name}.onnx"
@@ -159,6 +171,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 manifest_components[comp.name] = {"graph": rel, "inputs": inputs, "outputs": outputs,
                                                   "nodes": len(graph.nodes), "ops": ir.op_counts(graph),
                                                   "fused_ops": fused_ops}
+                if quant is not None and quant.mode == "fp8":  # ORT's QDQ fusions take fp8 for int8
+                    manifest_components[comp.name]["session_config"] = {"session.disable_quant_qdq": "1"}
                 result.nodes[comp.name] = (nodes_export, len(graph.nodes))
             bar.step("writing engine")
             from safetensors.numpy import save_file
@@ -194,57 +208,91 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     return result
 
 
-def _quant_config(quantize: str | None, group_size: int):
+def _quant_config(quantize: str | None, group_size: int, smooth_alpha: float | None):
     from .quantization import QuantConfig
 
     if quantize is None:
         return None
+    keep = ("lm_head", "patch_embed")
     if quantize in ("int8", "w8a16"):
-        return QuantConfig("int8", keep_float=("lm_head", "patch_embed"))
+        return QuantConfig("int8", keep_float=keep)
     if quantize in ("int4", "w4a16"):
         if group_size < 16 or group_size & (group_size - 1):
             raise MmcError(f"--group-size must be a power of two >= 16 (got {group_size})")
-        return QuantConfig("int4", group_size=group_size, keep_float=("lm_head", "patch_embed"))
-    if quantize in ("w8a8", "fp8"):
-        raise MmcError(f"quantization {quantize!r} is not implemented yet (available: --int8 [w8a16], --int4)")
-    raise MmcError(f"unknown quantization {quantize!r} (--int8 [w8a16] or --int4)")
+        return QuantConfig("int4", group_size=group_size, keep_float=keep)
+    if quantize == "w8a8":
+        if smooth_alpha is not None and not 0 <= smooth_alpha <= 1:
+            raise MmcError(f"--smooth-alpha must be in [0, 1] (got {smooth_alpha})")
+        return QuantConfig("w8a8", keep_float=keep, smooth_alpha=smooth_alpha)
+    if quantize == "fp8":
+        return QuantConfig("fp8", keep_float=keep)
+    raise MmcError(f"unknown quantization {quantize!r} (--int8 [w8a16|w8a8], --int4 or --fp8)")
 
 
-def quantization_summary(cfg, layers: dict, float_model, graph, adapter, torch_model,
-                         max_drop: float | None = None, originals: dict | None = None) -> dict:
-    """Config, per-layer weight errors, decoder weight bytes (quantized vs their fp32 size,
-    float-kept layers reported apart) and logits accuracy on the calibration prompts. With
-    `max_drop` (percent of top-1 agreement), the budget search first puts the most harmful
-    decoder GEMMs back in float (modifying `graph`) until the budget holds."""
-    from .accuracy import budget_search, calibration_ids, decoder_accuracy
+def quant_passes(quant) -> list[str]:
+    """The passes a quantization config appends after the fusions."""
+    smooth = ["smooth-quant"] if quant.mode == "w8a8" and quant.smooth_alpha is not None else []
+    acts = ["quantize-activations"] if quant.activations else []
+    return smooth + ["quantize-weights"] + acts
+
+
+def _calibration(adapter, torch_model, components, samples, source: str, method: str, percentile: float):
+    """Calibration feeds for the exported float graphs (before any pass)."""
+    import onnx
+
+    from .calibration import build
 
     meta = adapter.host_metadata()
+    vision = next((onnx.load(str(c.path)) for c in components if c.name == "vision"), None)
+    embed = adapter.host_weights(torch_model)["embed_tokens"]
+    return build(adapter.model_dir, meta, embed, samples, vision, source, method, percentile)
+
+
+def quantization_summary(cfg, options: dict, float_model, graph, max_drop: float | None = None) -> dict:
+    """Config, calibration, smoothing, per-layer weight error and output SNR, decoder weight bytes
+    (quantized vs their fp32 size, float-kept layers reported apart) and logits accuracy on the
+    calibration prompts. With `max_drop` (percent of top-1 agreement), the budget search first
+    puts the most harmful decoder GEMMs back in float (modifying `graph`) until the budget holds."""
+    from .accuracy import budget_search, decoder_accuracy, output_snr
+
+    layers = options.get("quant_layers", {})
+    cal = options.get("calibration")
     budget = None
-    if float_model is not None:
-        ids = calibration_ids(adapter.model_dir, meta["vocab_size"])
-        embed = adapter.host_weights(torch_model)["embed_tokens"]
     if max_drop is not None and float_model is not None:
-        budget = budget_search(graph, originals or {}, float_model, ids, embed, meta, 1 - max_drop / 100)
+        originals = options.get("quant_originals", {}).get("decoder", {})
+        budget = budget_search(graph, originals, float_model, cal, 1 - max_drop / 100)
         restored = set(budget["kept_float"])
         for x in layers.get("decoder", []):
             if x["node"] in restored:
-                x.pop("bits", None)
+                for k in ("bits", "weights", "activations", "act_amax", "act_absmax"):
+                    x.pop(k, None)
                 x["kept_float"], x["bytes"] = "budget", x.pop("float_bytes")
     dec = layers.get("decoder", [])
     qbytes = sum(x["bytes"] for x in dec if "bits" in x)
     fbytes = sum(x["float_bytes"] for x in dec if "bits" in x)
     kept = [x for x in dec if "kept_float" in x]
     out = cfg.describe()
+    out["calibration"] = cal.describe() if cal is not None else None
+    if options.get("smoothing"):
+        out["smoothing"] = options["smoothing"]
     out["weight_bytes"] = {"decoder_quantized": qbytes, "decoder_quantized_as_fp32": fbytes,
                            "ratio": round(qbytes / fbytes, 4) if fbytes else None,
                            "kept_float": {f"{x['kept_float']} ({x['node']})" if x["kept_float"] != x["node"]
                                           else x["node"]: x["bytes"] for x in kept}}
     out["layers"] = layers
-    if budget is not None:
-        out["budget"] = {k: v for k, v in budget.items() if k != "accuracy"}
-        out["accuracy"] = budget["accuracy"]
-    elif float_model is not None:
-        out["accuracy"] = decoder_accuracy(float_model, ir.to_model(graph), ids, embed, meta)
+    if float_model is not None:
+        quant_model = ir.to_model(graph)
+        gemm_out = {n.name: n.outputs[0].name for n in graph.nodes if n.op == "MatMul" and n.outputs}
+        names = [x["node"] for x in dec if "bits" in x and x["node"] in gemm_out]
+        snr = output_snr(float_model, quant_model, cal.feeds["decoder"], [gemm_out[n] for n in names])
+        for x in dec:
+            if x["node"] in names:
+                x["output_snr_db"] = snr[gemm_out[x["node"]]]
+        if budget is not None:
+            out["budget"] = {k: v for k, v in budget.items() if k != "accuracy"}
+            out["accuracy"] = budget["accuracy"]
+        else:
+            out["accuracy"] = decoder_accuracy(float_model, quant_model, cal)
     return out
 
 
@@ -254,8 +302,17 @@ def summary_lines(result: CompileResult) -> list[str]:
     q = result.quantization
     if q:
         wb, acc = q["weight_bytes"], q.get("accuracy") or {}
-        lines.append(f"quantization {q['weights']} {q['granularity']}: decoder weights {wb['ratio']}x of fp32"
-                     f" (kept float: {', '.join(wb['kept_float']) or 'none'})")
+        acts = f", activations {q['activations']} per tensor" if q.get("activations") != "float" else ""
+        lines.append(f"quantization {q['weights']} {q['granularity']}{acts}: decoder weights {wb['ratio']}x of"
+                     f" fp32 (kept float: {', '.join(wb['kept_float']) or 'none'})")
+        if q.get("calibration"):
+            c = q["calibration"]
+            lines.append(f"  calibration: {c['source']}, {c['method']}, {c['decoder_positions']} decoder positions"
+                         f" in {c['decoder_feed_sets']} prefills, {c['vision_feed_sets']} vision runs")
+        for comp, smooth in (q.get("smoothing") or {}).items():
+            worst = max(smooth, key=lambda r: r["outlier_ratio_before"])
+            lines.append(f"  smoothquant alpha {worst['alpha']}: {len(smooth)} {comp} norms, worst outlier ratio"
+                         f" {worst['outlier_ratio_before']} -> {worst['outlier_ratio_after']}")
         if q.get("budget"):
             b = q["budget"]
             lines.append(f"  budget top-1 >= {b['min_top1']:.2%}: {'met' if b['met'] else 'NOT met'}, "

@@ -33,7 +33,9 @@ def cmd_compile(args) -> int:
     result = compile_model(
         args.model, output=args.output, passes=args.passes, target=args.target, dump_dir=args.dump_dir,
         verify_each=args.verify_each, check=args.check, exporter=args.exporter, opset=args.opset,
-        quantize=args.int8 or args.int4, group_size=args.group_size, max_drop=args.max_drop, pass_modules=args.pass_module,
+        quantize=args.int8 or args.int4 or args.fp8, group_size=args.group_size, max_drop=args.max_drop,
+        calib=args.calib, calib_method=args.calib_method, calib_percentile=args.calib_percentile,
+        smooth_alpha=None if args.no_smooth else args.smooth_alpha, pass_modules=args.pass_module,
         progress=not args.quiet,
     )
     if not args.quiet:
@@ -163,10 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX opset to export with (default: the exporter's; dynamo 17-23, torchscript 14-20)")
     q = c.add_mutually_exclusive_group()
     q.add_argument("--int8", nargs="?", const="w8a16", default=None, metavar="MODE",
-                   help="int8 weights, per output channel (W8A16; the default MODE)")
+                   help="int8 weights per output channel: MODE w8a16 (default; float activations) or w8a8 "
+                        "(int8 activations per tensor, calibrated, with SmoothQuant)")
     q.add_argument("--int4", action="store_const", const="int4", default=None,
                    help="int4 weights, group-wise (W4A16; see --group-size)")
+    q.add_argument("--fp8", action="store_const", const="fp8", default=None,
+                   help="FP8 e4m3 weights per output channel and activations per tensor (for GPU targets)")
     c.add_argument("--group-size", type=int, default=128, help="int4 group size along K (default: 128)")
+    c.add_argument("--calib", metavar="JSONL", default=None,
+                   help='calibration prompts, one JSON object per line: {"text": ..., "image": path} '
+                        "(default: a built-in set of text windows and generated images)")
+    c.add_argument("--calib-method", choices=("minmax", "percentile"), default="minmax",
+                   help="activation range from calibration: absolute max (default) or a percentile of |x|")
+    c.add_argument("--calib-percentile", type=float, default=99.99, metavar="P",
+                   help="percentile for --calib-method percentile (default: 99.99)")
+    c.add_argument("--smooth-alpha", type=float, default=0.5, metavar="A",
+                   help="W8A8 SmoothQuant migration strength in [0, 1] (default: 0.5)")
+    c.add_argument("--no-smooth", action="store_true", help="W8A8 without SmoothQuant (naive per-tensor)")
     c.add_argument("--max-drop", type=float, default=None, metavar="PCT",
                    help="accuracy budget: keep decoder GEMMs in float until top-1 agreement >= 100-PCT %%")
     c.add_argument("--dump-dir", help="write the text IR after every pass and report.json here")

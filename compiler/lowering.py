@@ -5,7 +5,9 @@
                   (Attention, RotaryEmbedding: opset 23) get it by converting the graph's opset
                   with ONNX's version converter first; if that fails, the fallback faces run.
 
-                  Weight-only Q/DQ GEMMs (DequantizeLinear -> MatMul) become MatMulNBits.
+                  Weight-only Q/DQ GEMMs (DequantizeLinear -> MatMul) become MatMulNBits;
+                  W8A8 and FP8 QDQ stay as they are (ORT runs them: int8 as
+                  MatMulIntegerToFloat; fp8 engines ask for session.disable_quant_qdq).
 
 The pass pipeline works on graphs with mmc ops; the numerical check, the verifier and the
 engine writer see them lowered (`lower_model`), so every fused graph runs in ONNX Runtime.
@@ -70,6 +72,11 @@ def lower_quantized_gemms(graph: gs.Graph) -> int:
         wq, scale = dq.inputs[0], dq.inputs[1]
         if not isinstance(wq, gs.Constant) or not isinstance(scale, gs.Constant):
             continue
+        x = node.inputs[0]
+        if x.inputs and x.inputs[0].op == "DequantizeLinear":
+            continue  # W8A8 / FP8: ORT runs the QDQ pair itself (int8: MatMulIntegerToFloat)
+        if wq.dtype not in (np.int8, onnx.TensorProto.INT4) and str(wq.dtype) != "int4":
+            continue  # float8 weights: no MatMulNBits form; never load them (gs cannot re-export)
         q = np.asarray(wq.values)
         if q.ndim != 2:
             continue

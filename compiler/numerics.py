@@ -28,14 +28,33 @@ def session(model: onnx.ModelProto, providers: list[str] | None = None) -> ort.I
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers or ["CPUExecutionProvider"])
 
 
+class Runner:
+    """One ORT session over `model` (mmc ops lowered to their ORT faces first), run on many
+    feed sets; `extra_outputs` exposes intermediate tensors by name as outputs too."""
+
+    def __init__(self, model: onnx.ModelProto, extra_outputs=()):
+        from .lowering import lower_model
+
+        lowered = lower_model(model)
+        if extra_outputs:
+            if lowered is model:  # never touch the caller's model
+                lowered = onnx.ModelProto()
+                lowered.CopyFrom(model)
+            model = lowered
+            have = {o.name for o in model.graph.output}
+            model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t)
+                                      for t in dict.fromkeys(extra_outputs) if t not in have)
+        self.sess = session(lowered)
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.wanted = {i.name for i in self.sess.get_inputs()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.sess.run(self.names, {k: v for k, v in feeds.items() if k in self.wanted})))
+
+
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run `model` (mmc ops lowered to their ORT faces first) on the feeds it takes."""
-    from .lowering import lower_model
-
-    sess = session(lower_model(model))
-    names = [o.name for o in sess.get_outputs()]
-    wanted = {i.name for i in sess.get_inputs()}
-    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+    return Runner(model).run(feeds)
 
 
 @dataclass

@@ -1,12 +1,17 @@
-"""Weight quantization helpers: symmetric per-output-channel and group-wise (block) integer
-quantization of a [K, N] GEMM weight, dequantization, the packing ONNX Runtime's MatMulNBits
-reads, and the error measures the accuracy report uses.
+"""Quantization helpers: symmetric per-output-channel and group-wise (block) integer
+quantization of a [K, N] GEMM weight, FP8 (e4m3fn) weights, per-tensor activation
+quantization, dequantization, the packing ONNX Runtime's MatMulNBits reads, and the error
+measures the accuracy report uses.
 
     per-channel (bits b, axis = output column n):  s[n]    = max_k |W[k, n]| / (2^(b-1) - 1)
     group-wise  (group g along K):                 s[j, n] = max_{k in block j} |W[k, n]| / (2^(b-1) - 1)
     q = clip(round(W / s), -2^(b-1), 2^(b-1) - 1);   Ŵ = q * s
+    fp8 e4m3fn per channel:                        s[n] = max_k |W[k, n]| / 448;  q = fp8(W / s)
+    activations, per tensor (static, calibrated):  s = amax / 127 (int8) or amax / 448 (fp8);
+                                                   q = clip(round(x / s)) or fp8(clip(x / s, ±448))
 
-All-zero columns/blocks get scale 1 (q = 0, Ŵ = 0 exactly).
+All-zero columns/blocks get scale 1 (q = 0, Ŵ = 0 exactly). Rounding is half to even, as in
+ONNX's QuantizeLinear.
 """
 
 from __future__ import annotations
@@ -15,21 +20,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+MODES = ("int8", "int4", "w8a8", "fp8")
+
 
 @dataclass(frozen=True)
 class QuantConfig:
     mode: str = "int8"                # "int8" (W8A16 per output channel) | "int4" (W4A16 group-wise)
+                                      # | "w8a8" (int8 weights per channel, int8 activations per tensor)
+                                      # | "fp8" (e4m3fn weights per channel, e4m3fn activations per tensor)
     group_size: int = 128             # int4 only
     keep_float: tuple = ("lm_head",)  # layers left in float: "lm_head" (the logits GEMM) and names
+    smooth_alpha: float | None = None  # w8a8: SmoothQuant migration strength (None: no smoothing)
 
     @property
     def bits(self) -> int:
-        return 8 if self.mode == "int8" else 4
+        return 4 if self.mode == "int4" else 8
+
+    @property
+    def weight_type(self) -> str:
+        return {"int4": "int4", "fp8": "fp8e4m3"}.get(self.mode, "int8")
+
+    @property
+    def activations(self) -> str | None:
+        return {"w8a8": "int8", "fp8": "fp8e4m3"}.get(self.mode)
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "weights": f"int{self.bits}", "activations": "float",
-             "granularity": "per-output-channel" if self.mode == "int8" else f"group-{self.group_size}",
-             "symmetric": True, "keep_float": list(self.keep_float)}
+        out = {"mode": self.mode, "weights": self.weight_type, "activations": self.activations or "float",
+               "granularity": f"group-{self.group_size}" if self.mode == "int4" else "per-output-channel",
+               "symmetric": True, "keep_float": list(self.keep_float)}
+        if self.activations:
+            out["activation_granularity"] = "per-tensor, static (calibrated)"
+        if self.mode == "w8a8":
+            out["smoothquant_alpha"] = self.smooth_alpha
+        return out
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -63,10 +87,38 @@ def quantize_blockwise(w: np.ndarray, bits: int = 4, group: int = 128) -> tuple[
     return q.reshape(blocks * group, -1)[:k], scale.astype(np.float32)
 
 
+def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """w [K, N] -> (q [K, N] float8_e4m3fn, scale [N] float32), per output channel."""
+    import ml_dtypes
+
+    w64 = w.astype(np.float64)
+    scale = _safe(np.abs(w64).max(axis=0) / FP8_MAX).astype(np.float32)
+    q = np.clip(w64 / scale, -FP8_MAX, FP8_MAX).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def activation_scale(amax: float, kind: str) -> float:
+    """Per-tensor scale for an activation of absolute range `amax` ("int8" or "fp8e4m3")."""
+    top = 127.0 if kind == "int8" else FP8_MAX
+    return float(np.float32(amax / top)) if amax > 0 else 1.0
+
+
+def fake_quantize(x: np.ndarray, scale: float, kind: str) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear of x with a per-tensor scale (zero point 0), float64 math."""
+    import ml_dtypes
+
+    y = x.astype(np.float64) / np.float32(scale)
+    if kind == "int8":
+        q = np.clip(np.rint(y), -128, 127)
+    else:
+        q = np.clip(y, -FP8_MAX, FP8_MAX).astype(np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return (q * np.float32(scale)).astype(np.float32)
+
+
 def dequantize(q: np.ndarray, scale: np.ndarray, group: int | None = None) -> np.ndarray:
     """Ŵ [K, N] float32 from per-channel (scale [N]) or group-wise (scale [blocks, N]) codes."""
     if scale.ndim == 1:
-        return (q.astype(np.float64) * scale).astype(np.float32)
+        return (q.astype(np.float32).astype(np.float64) * scale).astype(np.float32)
     s = np.repeat(scale.astype(np.float64), group, axis=0)[: q.shape[0]]
     return (q.astype(np.float64) * s).astype(np.float32)
 

@@ -16,4 +16,6 @@ from . import fuse_swiglu  # noqa: F401
 from . import horizontal_gemm  # noqa: F401
 from . import fuse_skip_norm  # noqa: F401
 from . import dead_code  # noqa: F401
-from . import quantize_weights  # noqa: F401  (not in the default pipeline: --int8 / --int4 add it)
+from . import smooth_quant  # noqa: F401  (not in the default pipeline: --int8 w8a8 adds it)
+from . import quantize_weights  # noqa: F401  (not in the default pipeline: --int8 / --int4 / --fp8 add it)
+from . import quantize_activations  # noqa: F401  (not in the default pipeline: --int8 w8a8 / --fp8 add it)

@@ -1,11 +1,12 @@
-"""quantize-weights — weight-only quantization (W8A16 / W4A16) as standard ONNX Q/DQ.
+"""quantize-weights — GEMM weights as standard ONNX Q/DQ (int8, int4, fp8 e4m3fn).
 
-Not in the default pipeline: `mmc compile --int8` / `--int4` appends it (after the fusions, so
-merged q/k/v and gate/up GEMMs are quantized as one weight each). Configured by
-`ctx.options["quant"]` (a `mmc.quantization.QuantConfig`).
+Not in the default pipeline: `mmc compile --int8 / --int4 / --fp8` appends it (after the
+fusions, so merged q/k/v and gate/up GEMMs are quantized as one weight each). Configured by
+`ctx.options["quant"]` (a `mmc.quantization.QuantConfig`). W8A8 and FP8 add the activation
+side afterwards (quantize-activations).
 
     before:  y = MatMul(x, @W)                                   W float [K, N]
-    after:   y = MatMul(x, DequantizeLinear(@Wq, @s, axis=1))    int8: Wq int8 [K, N], s [N]
+    after:   y = MatMul(x, DequantizeLinear(@Wq, @s, axis=1))    int8/fp8: Wq [K, N], s [N]
              y = MatMul(x, DequantizeLinear(@Wq, @s, axis=0, block_size=g))
                                                                  int4: Wq int4 [K, N], s [K/g, N]
 
@@ -33,12 +34,15 @@ from mmc.registry import PassResult, register_pass
 QDQ_OPSET = 23
 
 
-def _int4_constant(name: str, q: np.ndarray) -> gs.Constant:
-    tensor = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, q.shape, q.reshape(-1).tolist())
+def lazy_constant(name: str, q: np.ndarray, int4: bool = False) -> gs.Constant:
+    """A constant of a type gs cannot export from numpy (int4, float8): built as a TensorProto."""
+    tensor = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, q.shape, q.reshape(-1).tolist()) if int4 \
+        else onnx.numpy_helper.from_array(q, name)
     return gs.Constant(name, LazyValues(tensor))
 
 
-def _kept(node: gs.Node, graph: gs.Graph, cfg: qz.QuantConfig) -> str | None:
+def kept_reason(node: gs.Node, graph: gs.Graph, cfg: qz.QuantConfig) -> str | None:
+    """Why GEMM `node` stays in float under `cfg` (None: it is quantized)."""
     outputs = {id(t) for t in graph.outputs}
     if "lm_head" in cfg.keep_float and any(id(o) in outputs for o in node.outputs):
         return "lm_head"
@@ -52,7 +56,7 @@ def _kept(node: gs.Node, graph: gs.Graph, cfg: qz.QuantConfig) -> str | None:
 @register_pass(default=False)
 class QuantizeWeights:
     name = "quantize-weights"
-    summary = "weight-only int8 (per channel) / int4 (group-wise) as DequantizeLinear -> MatMul"
+    summary = "GEMM weights as int8 / fp8 (per channel) or int4 (group-wise) DequantizeLinear -> MatMul"
     lossy = True
 
     def run(self, graph: gs.Graph, ctx) -> PassResult:
@@ -68,7 +72,7 @@ class QuantizeWeights:
             if not isinstance(w, gs.Constant) or np.asarray(w.values).ndim != 2 \
                     or np.asarray(w.values).dtype != np.float32:
                 continue
-            kept = _kept(node, graph, cfg)
+            kept = kept_reason(node, graph, cfg)
             values = np.asarray(w.values)
             if kept:
                 hits["kept-float"] += 1
@@ -76,7 +80,7 @@ class QuantizeWeights:
                                "bytes": int(values.nbytes)})
                 continue
             originals = ctx.options.setdefault("quant_originals", {}).setdefault(ctx.component, {})
-            originals[node.name] = w  # the budget search can put a layer back in float
+            originals[node.name] = list(node.inputs)  # the budget search can put a layer back in float
             node.inputs[1] = self._dequantized(graph, ctx, node, values, cfg, layers)
             hits["quantized"] += 1
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -85,20 +89,24 @@ class QuantizeWeights:
     @staticmethod
     def _dequantized(graph, ctx, node, w: np.ndarray, cfg: qz.QuantConfig, layers: list) -> gs.Variable:
         k, n = w.shape
-        if cfg.mode == "int8":
+        if cfg.mode == "fp8":
+            q, scale = qz.quantize_fp8(w)
+            qc = lazy_constant(ctx.fresh_name("w_fp8"), q)
+            attrs, w_hat, nbytes = {"axis": 1}, qz.dequantize(q, scale), q.nbytes
+        elif cfg.mode != "int4":
             q, scale = qz.quantize_per_channel(w, 8)
             qc = gs.Constant(ctx.fresh_name("w_int8"), q)
             attrs, w_hat, nbytes = {"axis": 1}, qz.dequantize(q, scale), q.nbytes
         else:
             g = cfg.group_size
             q, scale = qz.quantize_blockwise(w, 4, g)
-            qc = _int4_constant(ctx.fresh_name("w_int4"), q)
+            qc = lazy_constant(ctx.fresh_name("w_int4"), q, int4=True)
             attrs, w_hat, nbytes = {"axis": 0, "block_size": g}, qz.dequantize(q, scale, g), -(-q.size // 2)
         out = gs.Variable(ctx.fresh_name("w_dq"), dtype=np.float32, shape=[k, n])
         dq = gs.Node("DequantizeLinear", ctx.fresh_name("DequantizeLinear"), attrs,
                      [qc, gs.Constant(ctx.fresh_name("w_scale"), scale)], [out])
         at = next(i for i, x in enumerate(graph.nodes) if x is node)
         graph.nodes.insert(at, ctx.created(dq))
-        layers.append({"node": node.name, "shape": [k, n], "bits": cfg.bits,
+        layers.append({"node": node.name, "shape": [k, n], "bits": cfg.bits, "weights": cfg.weight_type,
                        "bytes": int(nbytes + scale.nbytes), "float_bytes": int(w.nbytes), **qz.weight_error(w, w_hat)})
         return out

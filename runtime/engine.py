@@ -22,9 +22,10 @@ import numpy as np
 from mmc.errors import MmcError, first_line
 
 from . import engine_format as fmt
+from .batching import prepare_batch
 from .processing import Processor
 from .sampling import SamplingParams, select
-from .vision_glue import mrope_positions, vision_indices
+from .vision_glue import vision_feeds
 
 
 @dataclass
@@ -58,6 +59,10 @@ class Component:
                     fmt.inside(path.parent, kv.value)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        for key, value in spec.get("session_config", {}).items():  # e.g. fp8 QDQ: session.disable_quant_qdq
+            if not (isinstance(key, str) and key.startswith("session.") and isinstance(value, str)):
+                raise fmt.EngineError(f"engine {root}: component {name!r} has a bad session_config entry {key!r}")
+            opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:
@@ -130,10 +135,7 @@ class Engine:
     def encode_images(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
         if self.vision is None:
             raise MmcError(f"engine {self.root} is a text-only model; it cannot take images")
-        h = self.host
-        vi = vision_indices(grid_thw, h["spatial_merge_size"], h["window_size"], h["patch_size"])
-        feeds = {"pixel_values": pixel_values, "pos_hw": vi.pos_hw, "window_index": vi.window_index,
-                 "reverse_index": vi.reverse_index, "seg_full": vi.seg_full, "seg_window": vi.seg_window}
+        feeds = vision_feeds(pixel_values, grid_thw, self.host)
         return self.vision.run(feeds, host_outputs=("image_embeds",))["image_embeds"]  # [N/4, H]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -163,37 +165,7 @@ class Engine:
 
     # ---- generation ---------------------------------------------------------------------
     def _prepare_batch(self, prompts: list[str], images: list[list]):
-        prepared = [self.processor.prepare(p, ims) for p, ims in zip(prompts, images)]
-        image_embeds = [None] * len(prepared)
-        pix = [p.pixel_values for p in prepared if p.pixel_values is not None]
-        if pix:
-            grids = np.concatenate([p.image_grid_thw for p in prepared])
-            all_embeds = self.encode_images(np.concatenate(pix), grids)
-            counts = [int(p.image_grid_thw.prod(-1).sum()) // self.host["spatial_merge_size"] ** 2 for p in prepared]
-            image_embeds = np.split(all_embeds, np.cumsum(counts)[:-1])
-        b, s = len(prepared), max(len(p.input_ids) for p in prepared)
-        pad = self.host.get("pad_token_id") or 0
-        embeds = np.zeros((b, s, self.host["hidden_size"]), dtype=np.float32)
-        positions = np.zeros((3, b, s), dtype=np.int64)
-        mask = np.zeros((b, s), dtype=np.int64)
-        next_pos = np.zeros(b, dtype=np.int64)
-        for i, p in enumerate(prepared):
-            n, off = len(p.input_ids), s - len(p.input_ids)  # left padding
-            e = self.embed(p.input_ids).copy()
-            if image_embeds[i] is not None:
-                e[p.input_ids == self.host["image_token_id"]] = image_embeds[i]
-            embeds[i, off:] = e
-            embeds[i, :off] = self.embed(np.asarray([pad]))
-            if self.mrope:
-                pos, delta = mrope_positions(p.input_ids, self.host["image_token_id"], p.image_grid_thw,
-                                             self.host["spatial_merge_size"])
-            else:
-                pos, delta = np.arange(n), 0
-            positions[:, i, off:] = pos
-            positions[:, i, :off] = 1
-            mask[i, off:] = 1
-            next_pos[i] = n + delta
-        return prepared, embeds, positions if self.mrope else positions[0], mask, next_pos
+        return prepare_batch(self.processor, self.host, self.embed, self.encode_images, prompts, images, self.mrope)
 
     def _steps(self, prompts, images, max_new_tokens, params: SamplingParams, seed) -> Iterator[np.ndarray]:
         """Yield the next token ids [B] per step (finished sequences repeat the pad id)."""

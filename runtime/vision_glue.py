@@ -112,3 +112,10 @@ def mrope_positions(
     positions = np.concatenate(pieces, axis=1).astype(np.int64) if pieces else np.zeros((3, 0), np.int64)
     delta = int(positions.max()) + 1 - len(ids) if len(ids) else 0
     return positions, delta
+
+
+def vision_feeds(pixel_values: np.ndarray, grid_thw: np.ndarray, host: dict) -> dict[str, np.ndarray]:
+    """The vision graph's inputs for preprocessed pixels of one or more images."""
+    vi = vision_indices(grid_thw, host["spatial_merge_size"], host["window_size"], host["patch_size"])
+    return {"pixel_values": pixel_values, "pos_hw": vi.pos_hw, "window_index": vi.window_index,
+            "reverse_index": vi.reverse_index, "seg_full": vi.seg_full, "seg_window": vi.seg_window}

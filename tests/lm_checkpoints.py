@@ -32,3 +32,27 @@ def build(family: str, out: Path, tokenizer_dir: Path) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / f, out / f)
     return out
+
+
+def inject_outliers(src: Path, out: Path, channels=(3, 17, 41), factor: float = 100.0) -> Path:
+    """A copy of the Qwen2.5-VL checkpoint `src` whose decoder activations have outlier channels,
+    as trained LLMs do: each layer's two norm weights are multiplied by `factor` on `channels`
+    and the rows of the GEMM weights that read them divided by it. The function is unchanged
+    (exactly, up to float rounding); the inputs of the q/k/v and gate/up GEMMs now have a few
+    channels `factor` times larger than the rest."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src).eval()
+    ch = torch.tensor(list(channels))
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, readers in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                                  (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+                norm.weight[ch] *= factor
+                for lin in readers:
+                    lin.weight[:, ch] /= factor
+    model.save_pretrained(out)
+    return out

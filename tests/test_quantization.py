@@ -1,7 +1,8 @@
-"""Weight-only quantization (issue 4, first part): every quantize/dequantize/pack helper against
-a float64 reference, Q/DQ placement on a hand-built graph (and what stays float), the ORT face
-(MatMulNBits, 8 and 4 bits, K not a multiple of the block) against x @ Ŵ, and `--int8` /
-`--int4` engines of the tiny preset: weight bytes, generation, the accuracy report."""
+"""Weight-only quantization: every quantize/dequantize/pack helper against a float64 reference,
+Q/DQ placement on a hand-built graph (and what stays float), the ORT face (MatMulNBits, 8 and 4
+bits, K not a multiple of the block) against x @ Ŵ, and `--int8` / `--int4` engines of the tiny
+preset: weight bytes, the accuracy targets, generation, the report. W8A8, FP8, SmoothQuant and
+calibration are in test_quantization_w8a8.py."""
 
 from __future__ import annotations
 
@@ -119,6 +120,13 @@ def test_quantized_engines_are_small_and_generate(flag, max_ratio, tiny_dir, tmp
     assert any(k.startswith("lm_head") for k in q["weight_bytes"]["kept_float"])
     acc = q["accuracy"]
     assert acc["positions"] >= 200 and 0 < acc["logits_cosine_mean"] <= 1 and 0 <= acc["top1_agreement"] <= 1
+    # the issue's targets on the tiny preset: W8A16 cosine >= 0.999 and top-1 >= 99 %; W4A16 cosine >= 0.99
+    if flag == "--int8":
+        assert acc["logits_cosine_mean"] >= 0.999 and acc["top1_agreement"] >= 0.99
+    else:
+        assert acc["logits_cosine_mean"] >= 0.99
+    dec = q["layers"]["decoder"]
+    assert all(x["output_snr_db"] > 10 for x in dec if "bits" in x)  # per-layer output SNR is reported
     report = json.loads((dump / "report.json").read_text())
     assert report["quantization"]["accuracy"] == acc
     ops = json.loads((out / "manifest.json").read_text())["components"]["decoder"]["ops"]
@@ -127,25 +135,15 @@ def test_quantized_engines_are_small_and_generate(flag, max_ratio, tiny_dir, tmp
     assert len(json.loads(proc.stdout)["token_ids"]) >= 1
 
 
-def test_budget_search_keeps_the_harmful_layers_in_float(tiny_dir, tmp_path):
-    """int8 misses a 5 % top-1 budget on this preset; the search puts GEMMs back in float,
-    most harmful first, until it holds, and says which."""
-    out = tmp_path / "budget.mmc"
-    run_mmc("compile", tiny_dir, "--int8", "--max-drop", "5", "-o", out, "-q")
-    q = json.loads((out / "manifest.json").read_text())["quantization"]
-    b = q["budget"]
-    assert b["met"] and b["min_top1"] == 0.95 and 1 <= len(b["kept_float"]) < 8
-    assert q["accuracy"]["top1_agreement"] >= 0.95
-    assert sum(k.startswith("budget") for k in q["weight_bytes"]["kept_float"]) == len(b["kept_float"])
-    ops = json.loads((out / "manifest.json").read_text())["components"]["decoder"]["ops"]
-    assert ops["com.microsoft.MatMulNBits"] == 8 - len(b["kept_float"])
-    proc = run_mmc("run", out, "--prompt", "Describe the picture.", "--max-new-tokens", "4", "--json")
-    assert json.loads(proc.stdout)["token_ids"]
-
-
 def test_quantization_flags_are_checked(tiny_dir, tmp_path):
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "fine"}\n{"text": "an image", "image": "missing.png"}\n')
     for args, words in ((["--max-drop", "1"], "needs --int8"), (["--int4", "--group-size", "100"], "power of two"),
-                        (["--int8", "w8a8"], "not implemented yet"), (["--int8", "--max-drop", "150"], "0 <= PCT")):
+                        (["--int8", "w4a4"], "unknown quantization"), (["--int8", "--max-drop", "150"], "0 <= PCT"),
+                        (["--calib", bad_jsonl], "needs --int8"),
+                        (["--int8", "w8a8", "--smooth-alpha", "2"], "--smooth-alpha"),
+                        (["--int8", "--calib", bad_jsonl], "bad.jsonl:2: image"),
+                        (["--int8", "--calib", tmp_path / "nope.jsonl"], "no such file")):
         proc = run_mmc("compile", tiny_dir, *args, "-o", tmp_path / "x.mmc", "-q", check_ok=False)
         assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "x.mmc").exists()
