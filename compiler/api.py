@@ -311,7 +311,7 @@ def summary_lines(result: CompileResult) -> list[str]:
                          f" in {c['decoder_feed_sets']} prefills, {c['vision_feed_sets']} vision runs")
         for comp, smooth in (q.get("smoothing") or {}).items():
             worst = max(smooth, key=lambda r: r["outlier_ratio_before"])
-            lines.append(f"  smoothquant alpha {worst['alpha']}: {len(smooth)} {comp} norms, worst outlier ratio"
+            lines.append(f"  smoothquant alpha {worst['alpha']}: {len(smooth)} {comp} tensors, worst outlier ratio"
                          f" {worst['outlier_ratio_before']} -> {worst['outlier_ratio_after']}")
         if q.get("budget"):
             b = q["budget"]
