@@ -64,13 +64,11 @@ def lower_quantized_gemms(graph: gs.Graph) -> int:
 
     done = 0
     for node in list(graph.nodes):
-        if node.op != "MatMul" or node.domain or len(node.inputs) != 2 or len(node.inputs[1].inputs) != 1:
-            continue
-        dq = node.inputs[1].inputs[0]
-        if dq.op != "DequantizeLinear" or len(dq.inputs) > 2 and dq.inputs[2].name:
+        dq = qz.weight_dq(node)
+        if dq is None or len(dq.inputs) > 2 and dq.inputs[2].name:
             continue  # zero points: not produced by mmc's symmetric quantizer
         wq, scale = dq.inputs[0], dq.inputs[1]
-        if not isinstance(wq, gs.Constant) or not isinstance(scale, gs.Constant):
+        if not isinstance(scale, gs.Constant):
             continue
         x = node.inputs[0]
         if x.inputs and x.inputs[0].op == "DequantizeLinear":

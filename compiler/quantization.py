@@ -152,3 +152,14 @@ def next_pow2(n: int, least: int = 16) -> int:
         p *= 2
     return p
 
+
+
+def weight_dq(node):
+    """The DequantizeLinear of a constant feeding a plain MatMul's weight (quantize-weights'
+    form), or None."""
+    import onnx_graphsurgeon as gs
+
+    if node.op != "MatMul" or node.domain or len(node.inputs) != 2 or len(node.inputs[1].inputs) != 1:
+        return None
+    dq = node.inputs[1].inputs[0]
+    return dq if dq.op == "DequantizeLinear" and isinstance(dq.inputs[0], gs.Constant) else None

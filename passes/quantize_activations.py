@@ -26,14 +26,6 @@ from mmc.registry import PassResult, register_pass
 from .quantize_weights import lazy_constant
 
 
-def weight_dq(node: gs.Node) -> gs.Node | None:
-    """The DequantizeLinear feeding a float MatMul's weight, if any."""
-    if node.op != "MatMul" or node.domain or len(node.inputs) != 2 or len(node.inputs[1].inputs) != 1:
-        return None
-    dq = node.inputs[1].inputs[0]
-    return dq if dq.op == "DequantizeLinear" and isinstance(dq.inputs[0], gs.Constant) else None
-
-
 def _zero_point(name: str, kind: str) -> gs.Constant:
     if kind == "int8":
         return gs.Constant(name, np.zeros((), np.int8))
@@ -61,7 +53,7 @@ class QuantizeActivations:
         tensors: dict[str, gs.Variable] = {}
         for node in graph.nodes:
             x = node.inputs[0] if node.inputs else None
-            if weight_dq(node) is None or not isinstance(x, gs.Variable) \
+            if qz.weight_dq(node) is None or not isinstance(x, gs.Variable) \
                     or x.inputs and x.inputs[0].op == "DequantizeLinear":
                 continue
             readers.setdefault(x.name, []).append(node)

@@ -41,6 +41,14 @@ def lazy_constant(name: str, q: np.ndarray, int4: bool = False) -> gs.Constant:
     return gs.Constant(name, LazyValues(tensor))
 
 
+def float_gemm_weight(node: gs.Node) -> np.ndarray | None:
+    """The [K, N] float32 constant weight of a plain MatMul, or None (not a quantizable GEMM)."""
+    if node.op != "MatMul" or node.domain or len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+        return None
+    w = np.asarray(node.inputs[1].values)
+    return w if w.ndim == 2 and w.dtype == np.float32 else None
+
+
 def kept_reason(node: gs.Node, graph: gs.Graph, cfg: qz.QuantConfig) -> str | None:
     """Why GEMM `node` stays in float under `cfg` (None: it is quantized)."""
     outputs = {id(t) for t in graph.outputs}
@@ -66,14 +74,10 @@ class QuantizeWeights:
         hits = {"quantized": 0, "kept-float": 0}
         layers = ctx.options.setdefault("quant_layers", {}).setdefault(ctx.component, [])
         for node in list(graph.nodes):
-            if node.op != "MatMul" or node.domain or len(node.inputs) != 2:
-                continue
-            w = node.inputs[1]
-            if not isinstance(w, gs.Constant) or np.asarray(w.values).ndim != 2 \
-                    or np.asarray(w.values).dtype != np.float32:
+            values = float_gemm_weight(node)
+            if values is None:
                 continue
             kept = kept_reason(node, graph, cfg)
-            values = np.asarray(w.values)
             if kept:
                 hits["kept-float"] += 1
                 layers.append({"node": node.name, "shape": list(values.shape), "kept_float": kept,

@@ -30,7 +30,7 @@ from mmc.calibration import collect
 from mmc.quantization import QuantConfig
 from mmc.registry import PassResult, register_pass
 
-from .quantize_weights import kept_reason
+from .quantize_weights import float_gemm_weight, kept_reason
 
 # (domain, op) -> indices of the inputs that scale output 0 per channel (weight, then bias/beta)
 PRODUCERS = {
@@ -83,9 +83,7 @@ def _gemm_readers(x: gs.Variable, graph: gs.Graph, cfg) -> list[gs.Node] | None:
     """The readers of x if every one is a quantizable float GEMM reading x as its activation."""
     readers = list(x.outputs)
     for r in readers:
-        w = r.inputs[1] if len(r.inputs) == 2 else None
-        if r.op != "MatMul" or r.domain or r.inputs[0] is not x or not isinstance(w, gs.Constant) \
-                or np.asarray(w.values).ndim != 2 or kept_reason(r, graph, cfg):
+        if float_gemm_weight(r) is None or r.inputs[0] is not x or kept_reason(r, graph, cfg):
             return None
     return readers or None
 
