@@ -96,7 +96,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                   opset: int | None = None, pass_modules=(), progress: bool = True, seed: int = 0,
                   quantize: str | None = None, group_size: int = 128,
                   max_drop: float | None = None, calib=None, calib_method: str = "minmax",
-                  calib_percentile: float = 99.99, smooth_alpha: float | None = 0.5) -> CompileResult:
+                  calib_percentile: float = 99.99, smooth_alpha: float | None = 0.5,
+                  kv_cache: str | None = None) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
     from mmc.runtime import engine_format as fmt
@@ -107,12 +108,12 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     for spec in pass_modules:
         registry.load_pass_module(spec)
     pipeline = registry.resolve_pipeline(passes)
-    quant = _quant_config(quantize, group_size, smooth_alpha)
+    quant = _quant_config(quantize, group_size, smooth_alpha, kv_cache)
     if max_drop is not None and (quant is None or not 0 <= max_drop < 100):
         raise MmcError("--max-drop PCT needs quantization and 0 <= PCT < 100" if quant is not None
-                       else "--max-drop needs --int8, --int4 or --fp8")
+                       else "--max-drop needs --int8, --int4, --fp8 or --kv-cache")
     if calib is not None and quant is None:
-        raise MmcError("--calib needs --int8, --int4 or --fp8")
+        raise MmcError("--calib needs --int8, --int4, --fp8 or --kv-cache")
     samples = None
     if calib is not None:
         from .calibration import load_jsonl
@@ -171,7 +172,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 manifest_components[comp.name] = {"graph": rel, "inputs": inputs, "outputs": outputs,
                                                   "nodes": len(graph.nodes), "ops": ir.op_counts(graph),
                                                   "fused_ops": fused_ops}
-                if quant is not None and quant.mode == "fp8":  # ORT's QDQ fusions take fp8 for int8
+                if quant is not None and "fp8" in (quant.mode, quant.kv_cache):  # ORT's QDQ fusions take fp8 for int8
                     manifest_components[comp.name]["session_config"] = {"session.disable_quant_qdq": "1"}
                 result.nodes[comp.name] = (nodes_export, len(graph.nodes))
             bar.step("writing engine")
@@ -208,12 +209,23 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     return result
 
 
-def _quant_config(quantize: str | None, group_size: int, smooth_alpha: float | None):
+def _quant_config(quantize: str | None, group_size: int, smooth_alpha: float | None, kv_cache: str | None = None):
+    import dataclasses
+
+    from .quantization import KV_CACHE
+
+    if kv_cache is not None and kv_cache not in KV_CACHE:
+        raise MmcError(f"unknown --kv-cache {kv_cache!r} (one of {', '.join(KV_CACHE)})")
+    cfg = _weight_config(quantize, group_size, smooth_alpha, kv_cache is not None)
+    return dataclasses.replace(cfg, kv_cache=kv_cache) if cfg is not None else None
+
+
+def _weight_config(quantize: str | None, group_size: int, smooth_alpha: float | None, kv: bool):
     from .quantization import QuantConfig
 
-    if quantize is None:
-        return None
     keep = ("lm_head", "patch_embed")
+    if quantize is None:
+        return QuantConfig("float", keep_float=keep) if kv else None
     if quantize in ("int8", "w8a16"):
         return QuantConfig("int8", keep_float=keep)
     if quantize in ("int4", "w4a16"):
@@ -232,8 +244,10 @@ def _quant_config(quantize: str | None, group_size: int, smooth_alpha: float | N
 def quant_passes(quant) -> list[str]:
     """The passes a quantization config appends after the fusions."""
     smooth = ["smooth-quant"] if quant.mode == "w8a8" and quant.smooth_alpha is not None else []
+    weights = ["quantize-weights"] if quant.mode != "float" else []
     acts = ["quantize-activations"] if quant.activations else []
-    return smooth + ["quantize-weights"] + acts
+    kv = ["quantize-kv-cache"] if quant.kv_cache else []
+    return smooth + weights + acts + kv
 
 
 def _calibration(adapter, torch_model, components, samples, source: str, method: str, percentile: float):
@@ -280,6 +294,8 @@ def quantization_summary(cfg, options: dict, float_model, graph, max_drop: float
                            "kept_float": {f"{x['kept_float']} ({x['node']})" if x["kept_float"] != x["node"]
                                           else x["node"]: x["bytes"] for x in kept}}
     out["layers"] = layers
+    if options.get("kv_cache", {}).get("decoder"):
+        out["kv_cache_layers"] = _kv_cache_summary(cfg.kv_cache, options["kv_cache"]["decoder"], graph)
     if float_model is not None:
         quant_model = ir.to_model(graph)
         gemm_out = {n.name: n.outputs[0].name for n in graph.nodes if n.op == "MatMul" and n.outputs}
@@ -296,6 +312,22 @@ def quantization_summary(cfg, options: dict, float_model, graph, max_drop: float
     return out
 
 
+def _kv_cache_summary(kind: str, records: list[dict], graph) -> dict:
+    """Bytes per cached token (all layers, K and V) quantized vs fp32, and the per-head ranges."""
+    from .quantization import kv_dtype
+
+    shapes = {t.name: t.shape for t in graph.inputs}
+    per_pos = [int(np.prod([shapes[c][1], shapes[c][3]])) for r in records for c in r["cache"]
+               if shapes.get(c) and all(isinstance(shapes[c][i], int) for i in (1, 3))]
+    elems = sum(per_pos) if len(per_pos) == 2 * len(records) else None
+    return {"dtype": kind, "layers": len(records),
+            "bytes_per_token": elems * kv_dtype(kind).itemsize if elems else None,
+            "bytes_per_token_fp32": elems * 4 if elems else None,
+            "amax_range": [min(min(r["k_amax"] + r["v_amax"]) for r in records),
+                           max(max(r["k_amax"] + r["v_amax"]) for r in records)],
+            "per_layer": records}
+
+
 def summary_lines(result: CompileResult) -> list[str]:
     """The one-screen summary `mmc compile` prints: per component, what each pass changed."""
     lines = []
@@ -303,8 +335,17 @@ def summary_lines(result: CompileResult) -> list[str]:
     if q:
         wb, acc = q["weight_bytes"], q.get("accuracy") or {}
         acts = f", activations {q['activations']} per tensor" if q.get("activations") != "float" else ""
-        lines.append(f"quantization {q['weights']} {q['granularity']}{acts}: decoder weights {wb['ratio']}x of"
-                     f" fp32 (kept float: {', '.join(wb['kept_float']) or 'none'})")
+        if q["weights"] != "float":
+            lines.append(f"quantization {q['weights']} {q['granularity']}{acts}: decoder weights {wb['ratio']}x of"
+                         f" fp32 (kept float: {', '.join(wb['kept_float']) or 'none'})")
+        else:
+            lines.append("quantization: weights float")
+        if q.get("kv_cache_layers"):
+            kv = q["kv_cache_layers"]
+            size = f", {kv['bytes_per_token']} bytes per token (fp32 {kv['bytes_per_token_fp32']})" \
+                if kv["bytes_per_token"] else ""
+            lines.append(f"  kv cache {kv['dtype']} per kv head in {kv['layers']} layers{size}, head ranges"
+                         f" {kv['amax_range'][0]:.3g}..{kv['amax_range'][1]:.3g}")
         if q.get("calibration"):
             c = q["calibration"]
             lines.append(f"  calibration: {c['source']}, {c['method']}, {c['decoder_positions']} decoder positions"

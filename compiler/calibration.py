@@ -7,7 +7,8 @@
     feeds    per component, the inputs its float graph takes: the decoder gets batch-1 prefills
              built exactly as the runtime builds them (`runtime.batching.prepare_batch`, images
              encoded by the exported float vision graph); the vision graph gets each image.
-    stats    `collect(model, feed_sets, tensors)`: per tensor the absmax per channel (last axis),
+    stats    `collect(model, feed_sets, tensors, axis)`: per tensor the absmax per channel (`axis`:
+             the last one for GEMM inputs, the head axis 1 for K/V),
              the absmax, and a bounded sample of |x| for percentiles. `amax(method)` is what a
              scale is computed from: "minmax" (the absmax) or "percentile" (|x| at `percentile`).
 
@@ -55,7 +56,7 @@ class Calibration:
 @dataclass
 class TensorStats:
     absmax: float
-    channel_absmax: np.ndarray      # [C] over the last axis
+    channel_absmax: np.ndarray      # [C] over the channel axis collect() was given
     samples: np.ndarray             # |x|, at most MAX_SAMPLES values
 
     def amax(self, method: str = "minmax", percentile: float = 99.99) -> float:
@@ -181,9 +182,9 @@ def build(model_dir: Path, meta: dict, embed: np.ndarray, samples: list[Sample] 
 
 
 # ---- statistics ---------------------------------------------------------------------------
-def collect(model, feed_sets: list[dict], tensors: list[str], seed: int = 0) -> dict[str, TensorStats]:
+def collect(model, feed_sets: list[dict], tensors: list[str], seed: int = 0, axis: int = -1) -> dict[str, TensorStats]:
     """Run `model` (ModelProto; mmc ops lowered) over the feed sets and gather statistics of the
-    named intermediate tensors."""
+    named intermediate tensors, per channel along `axis`."""
     from .numerics import Runner
 
     runner = Runner(model, extra_outputs=tensors)
@@ -192,7 +193,8 @@ def collect(model, feed_sets: list[dict], tensors: list[str], seed: int = 0) -> 
     for feeds in feed_sets:
         out = runner.run(feeds)
         for t in tensors:
-            a = np.abs(out[t].astype(np.float32)).reshape(-1, out[t].shape[-1])
+            x = np.moveaxis(out[t], axis, -1)
+            a = np.abs(x.astype(np.float32)).reshape(-1, x.shape[-1])
             m = a.max(axis=0) if a.size else np.zeros(a.shape[-1], np.float32)
             chan[t] = np.maximum(chan[t], m) if t in chan else m
             absvals[t].append(a.reshape(-1))

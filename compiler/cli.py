@@ -35,7 +35,8 @@ def cmd_compile(args) -> int:
         verify_each=args.verify_each, check=args.check, exporter=args.exporter, opset=args.opset,
         quantize=args.int8 or args.int4 or args.fp8, group_size=args.group_size, max_drop=args.max_drop,
         calib=args.calib, calib_method=args.calib_method, calib_percentile=args.calib_percentile,
-        smooth_alpha=None if args.no_smooth else args.smooth_alpha, pass_modules=args.pass_module,
+        smooth_alpha=None if args.no_smooth else args.smooth_alpha, kv_cache=args.kv_cache,
+        pass_modules=args.pass_module,
         progress=not args.quiet,
     )
     if not args.quiet:
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4 weights, group-wise (W4A16; see --group-size)")
     q.add_argument("--fp8", action="store_const", const="fp8", default=None,
                    help="FP8 e4m3 weights per output channel and activations per tensor (for GPU targets)")
+    c.add_argument("--kv-cache", choices=("int8", "fp8"), default=None,
+                   help="store the decoder's K/V cache as int8 or fp8 e4m3 codes, one calibrated scale per "
+                        "kv head (default: float; combines with any weight mode)")
     c.add_argument("--group-size", type=int, default=128, help="int4 group size along K (default: 128)")
     c.add_argument("--calib", metavar="JSONL", default=None,
                    help='calibration prompts, one JSON object per line: {"text": ..., "image": path} '

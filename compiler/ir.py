@@ -63,6 +63,15 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
         return None
 
 
+def lazy_constant(name: str, q: np.ndarray, int4: bool = False) -> gs.Constant:
+    """A constant of a type gs cannot export from numpy (int4, float8): built as a TensorProto."""
+    tensor = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, q.shape, q.reshape(-1).tolist()) if int4 \
+        else onnx.numpy_helper.from_array(q, name)
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    return gs.Constant(name, LazyValues(tensor))
+
+
 def upgrade_opset(graph: gs.Graph, opset: int) -> None:
     """Convert `graph` in place to default-domain `opset` with ONNX's version converter (custom
     domains, e.g. mmc ops, pass through unchanged)."""

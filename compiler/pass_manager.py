@@ -130,11 +130,11 @@ class PassManager:
                 near_misses=dict(ctx.near_misses),
             )
             if before_model is not None and self.check and feeds:
-                res = compare_models(before_model, ir.to_model(graph), feeds)
+                res = compare_models(before_model, ir.to_model(graph), feeds, retyped=lossy)
                 atol, rtol = TOLERANCE.get(_output_dtype(graph), (1e-2, 1e-2))
                 record.check = {"max_abs_err": res.max_abs_err, "within_tolerance": res.within_tolerance,
                                 "worst_output": res.worst_output, "atol": atol, "rtol": rtol,
-                                "feed_sets": len(feeds), "lossy": lossy}
+                                "feed_sets": res.feed_sets, "lossy": lossy}
                 if self.stop_on_check_failure and not res.within_tolerance and not lossy:
                     self._dump(component, index, name, graph, ctx)
                     raise PassCheckError(

@@ -9,6 +9,7 @@ measures the accuracy report uses.
     fp8 e4m3fn per channel:                        s[n] = max_k |W[k, n]| / 448;  q = fp8(W / s)
     activations, per tensor (static, calibrated):  s = amax / 127 (int8) or amax / 448 (fp8);
                                                    q = clip(round(x / s)) or fp8(clip(x / s, ±448))
+    KV cache, per kv head h (axis 1 of [B, KV, T, D]): s[h] = amax[h] / 127 or / 448, same q
 
 All-zero columns/blocks get scale 1 (q = 0, Ŵ = 0 exactly). Rounding is half to even, as in
 ONNX's QuantizeLinear.
@@ -21,17 +22,20 @@ from dataclasses import dataclass
 import numpy as np
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-MODES = ("int8", "int4", "w8a8", "fp8")
+MODES = ("int8", "int4", "w8a8", "fp8", "float")  # "float": weights untouched (a KV-cache-only config)
+KV_CACHE = ("int8", "fp8")
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     mode: str = "int8"                # "int8" (W8A16 per output channel) | "int4" (W4A16 group-wise)
+                                      # | "float" (weights stay float; only the KV cache is quantized)
                                       # | "w8a8" (int8 weights per channel, int8 activations per tensor)
                                       # | "fp8" (e4m3fn weights per channel, e4m3fn activations per tensor)
     group_size: int = 128             # int4 only
     keep_float: tuple = ("lm_head",)  # layers left in float: "lm_head" (the logits GEMM) and names
     smooth_alpha: float | None = None  # w8a8: SmoothQuant migration strength (None: no smoothing)
+    kv_cache: str | None = None       # "int8" | "fp8": the decoder's K/V cache per kv head (None: float)
 
     @property
     def bits(self) -> int:
@@ -39,7 +43,7 @@ class QuantConfig:
 
     @property
     def weight_type(self) -> str:
-        return {"int4": "int4", "fp8": "fp8e4m3"}.get(self.mode, "int8")
+        return {"int4": "int4", "fp8": "fp8e4m3", "float": "float"}.get(self.mode, "int8")
 
     @property
     def activations(self) -> str | None:
@@ -48,7 +52,11 @@ class QuantConfig:
     def describe(self) -> dict:
         out = {"mode": self.mode, "weights": self.weight_type, "activations": self.activations or "float",
                "granularity": f"group-{self.group_size}" if self.mode == "int4" else "per-output-channel",
-               "symmetric": True, "keep_float": list(self.keep_float)}
+               "symmetric": True, "keep_float": list(self.keep_float), "kv_cache": self.kv_cache or "float"}
+        if self.mode == "float":
+            out["granularity"] = None
+        if self.kv_cache:
+            out["kv_cache_granularity"] = "per kv head, static (calibrated)"
         if self.activations:
             out["activation_granularity"] = "per-tensor, static (calibrated)"
         if self.mode == "w8a8":
@@ -113,6 +121,34 @@ def fake_quantize(x: np.ndarray, scale: float, kind: str) -> np.ndarray:
     else:
         q = np.clip(y, -FP8_MAX, FP8_MAX).astype(np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
     return (q * np.float32(scale)).astype(np.float32)
+
+
+def kv_dtype(kind: str) -> np.dtype:
+    """The numpy dtype of a quantized KV cache ("int8" or "fp8": ml_dtypes' float8_e4m3fn)."""
+    import ml_dtypes
+
+    return np.dtype(np.int8) if kind == "int8" else np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def kv_scale(amax: np.ndarray, kind: str) -> np.ndarray:
+    """Per-head scales [KV] float32 from per-head absolute ranges (0 -> 1, like the weights)."""
+    top = 127.0 if kind == "int8" else FP8_MAX
+    return _safe(np.asarray(amax, np.float64) / top).astype(np.float32)
+
+
+def quantize_per_head(x: np.ndarray, scale: np.ndarray, kind: str) -> np.ndarray:
+    """x [B, KV, T, D] -> codes in kv_dtype(kind), one scale per head (axis 1); QuantizeLinear's
+    math: x / s in float32, then round half to even and saturate (int8) or saturate and round
+    to nearest fp8 (e4m3fn)."""
+    y = x.astype(np.float32) / scale.astype(np.float32).reshape(1, -1, 1, 1)
+    if kind == "int8":
+        return np.clip(np.rint(y), -128, 127).astype(np.int8)
+    return np.clip(y, -FP8_MAX, FP8_MAX).astype(kv_dtype(kind))
+
+
+def dequantize_per_head(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Codes [B, KV, T, D] -> float32 (q * s[head])."""
+    return (q.astype(np.float32) * scale.astype(np.float32).reshape(1, -1, 1, 1)).astype(np.float32)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, group: int | None = None) -> np.ndarray:

@@ -19,3 +19,4 @@ from . import dead_code  # noqa: F401
 from . import smooth_quant  # noqa: F401  (not in the default pipeline: --int8 w8a8 adds it)
 from . import quantize_weights  # noqa: F401  (not in the default pipeline: --int8 / --int4 / --fp8 add it)
 from . import quantize_activations  # noqa: F401  (not in the default pipeline: --int8 w8a8 / --fp8 add it)
+from . import quantize_kv_cache  # noqa: F401  (not in the default pipeline: --kv-cache int8 / fp8 adds it)

@@ -21,9 +21,8 @@ import onnx_graphsurgeon as gs
 
 from mmc import quantization as qz
 from mmc.calibration import collect
+from mmc.ir import lazy_constant
 from mmc.registry import PassResult, register_pass
-
-from .quantize_weights import lazy_constant
 
 
 def _zero_point(name: str, kind: str) -> gs.Constant:

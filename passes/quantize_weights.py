@@ -23,22 +23,13 @@ reported, not enforced; the accuracy report compares logits on calibration promp
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from mmc import quantization as qz
-from mmc.ir import upgrade_opset
+from mmc.ir import lazy_constant, upgrade_opset
 from mmc.registry import PassResult, register_pass
 
 QDQ_OPSET = 23
-
-
-def lazy_constant(name: str, q: np.ndarray, int4: bool = False) -> gs.Constant:
-    """A constant of a type gs cannot export from numpy (int4, float8): built as a TensorProto."""
-    tensor = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, q.shape, q.reshape(-1).tolist()) if int4 \
-        else onnx.numpy_helper.from_array(q, name)
-    return gs.Constant(name, LazyValues(tensor))
 
 
 def float_gemm_weight(node: gs.Node) -> np.ndarray | None:

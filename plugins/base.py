@@ -55,7 +55,12 @@ class Emitter:
 
     def const(self, value, dtype=np.int64) -> gs.Constant:
         arr = np.asarray(value, dtype=dtype)
-        return gs.Constant(f"{self.prefix}c{next(_ids)}", arr)
+        name = f"{self.prefix}c{next(_ids)}"
+        if arr.dtype.name.startswith("float8"):  # gs cannot export ml_dtypes arrays itself
+            from mmc.ir import lazy_constant
+
+            return lazy_constant(name, arr)
+        return gs.Constant(name, arr)
 
     def var(self, dtype=None) -> gs.Variable:
         return gs.Variable(f"{self.prefix}v{next(_ids)}", dtype=dtype)

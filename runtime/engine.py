@@ -8,7 +8,9 @@
         loop: decoder(1 token per sequence, K/V fed back, position = last + 1) -> next token
 
 The K/V cache stays where the execution provider keeps it (ORT IO binding: on the GPU with the
-CUDA EP); only logits come back to the host for sampling. Batches are left-padded.
+CUDA EP); only logits come back to the host for sampling. Batches are left-padded. The cache is
+in the type the decoder's inputs declare in the manifest: float32, or int8 / float8_e4m3fn codes
+(`mmc compile --kv-cache`), which only ever exist as OrtValues (numpy has no float8).
 """
 
 from __future__ import annotations
@@ -81,7 +83,10 @@ class Component:
         `host_outputs` come back as numpy, the rest stay OrtValues on the device."""
         binding = self.session.io_binding()
         for k, v in host_inputs.items():
-            binding.bind_cpu_input(k, np.ascontiguousarray(v))
+            if isinstance(v, np.ndarray):
+                binding.bind_cpu_input(k, np.ascontiguousarray(v))
+            else:  # an OrtValue (a float8 empty cache)
+                binding.bind_ortvalue_input(k, v)
         for k, v in (device_inputs or {}).items():
             binding.bind_ortvalue_input(k, v)
         for k in self.output_names:
@@ -89,6 +94,19 @@ class Component:
         self.session.run_with_iobinding(binding)
         outs = dict(zip(self.output_names, binding.get_outputs()))
         return {k: (v.numpy() if k in host_outputs else v) for k, v in outs.items()}
+
+
+CACHE_TYPES = ("float32", "float16", "int8", "float8_e4m3fn")
+
+
+def _empty(shape: tuple, dtype: str):
+    """An empty cache tensor: numpy where numpy has the type, else an OrtValue of it."""
+    if dtype != "float8_e4m3fn":
+        return np.zeros(shape, dtype=dtype)
+    import onnx
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.zeros(shape, np.uint8), onnx.TensorProto.FLOAT8E4M3FN)
 
 
 def _providers(device: str) -> list[str]:
@@ -129,7 +147,13 @@ class Engine:
         self.vision = Component(self.root, "vision", comps["vision"], providers) if "vision" in comps else None
         self.decoder = Component(self.root, "decoder", comps["decoder"], providers)
         self.processor = Processor(fmt.inside(self.root, self.manifest["assets"]), self.host)
-        self.kv_names = [n for n in (i["name"] for i in comps["decoder"]["inputs"]) if n.startswith("past_")]
+        self.kv_types = {i["name"]: i.get("dtype", "float32") for i in comps["decoder"]["inputs"]
+                         if i["name"].startswith("past_")}
+        self.kv_names = list(self.kv_types)
+        for name, dtype in self.kv_types.items():
+            if dtype not in CACHE_TYPES:
+                raise fmt.EngineError(f"engine {self.root}: cache input {name} has type {dtype!r}; "
+                                      f"this runtime keeps caches of {', '.join(CACHE_TYPES)}")
 
     # ---- model steps --------------------------------------------------------------------
     def encode_images(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
@@ -141,10 +165,10 @@ class Engine:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embed_tokens[ids]  # [..., H]
 
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+    def empty_cache(self, batch: int) -> dict:
         h = self.host
         shape = (batch, h["num_kv_heads"], 0, h["head_dim"])
-        return {n: np.zeros(shape, dtype=np.float32) for n in self.kv_names}
+        return {n: _empty(shape, self.kv_types[n]) for n in self.kv_names}
 
     def prefill(self, embeds, positions, mask):
         # embeds [B, S, H]; positions [3, B, S] (M-RoPE) or [B, S]; mask [B, S] -> logits of the last position [B, V], K/V

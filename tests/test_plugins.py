@@ -4,6 +4,7 @@ preferred face (opset 23: standard Attention/RotaryEmbedding) and the fallback d
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -14,14 +15,15 @@ from mmc.lowering import lower_graph
 from mmc.plugins import OPS
 from mmc.verifier import verify_model
 
-NP2ONNX = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("bool"): TensorProto.BOOL}
+NP2ONNX = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("bool"): TensorProto.BOOL, np.dtype("int8"): TensorProto.INT8,
+           np.dtype(ml_dtypes.float8_e4m3fn): TensorProto.FLOAT8E4M3FN}
 
 
 def run_fused(op: str, inputs: list, attrs: dict, n_out: int, opset: int, upgrade: bool = False):
     """One mmc node in a model at `opset`, lowered for ORT, run; returns (outputs, lowered ops)."""
     import onnx_graphsurgeon as gs
 
-    from mmc.numerics import session
+    from mmc.numerics import ort_feeds, session
 
     names = [f"in{i}" if a is not None else "" for i, a in enumerate(inputs)]
     outs = [f"out{i}" for i in range(n_out)]
@@ -38,7 +40,10 @@ def run_fused(op: str, inputs: list, attrs: dict, n_out: int, opset: int, upgrad
         verify_model(lowered)
     sess = session(lowered)
     feeds = {n: a for n, a in zip(names, inputs) if a is not None}
-    return sess.run(None, feeds), [n.op_type for n in lowered.graph.node]
+    got = sess.run(None, ort_feeds(feeds))  # float8 travels as OrtValues, comes back as uint8 bits
+    got = [o.view(ml_dtypes.float8_e4m3fn) if t.type.tensor_type.elem_type == TensorProto.FLOAT8E4M3FN else o
+           for o, t in zip(got, lowered.graph.output)]
+    return got, [n.op_type for n in lowered.graph.node]
 
 
 def close(got, want, tol=2e-5):
@@ -134,6 +139,38 @@ def test_attention(opset, upgrade, expect_op, heads):
     close(got[0], OPS["Attention"].reference(ins, attrs)[0])
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("upgrade", [False, True])  # the decomposition and the opset-23 Attention face
+def test_attention_quantized_kv_cache(kind, upgrade):
+    """kv_cache: this step's k/v are stored as per-head codes after the past codes, and the
+    attention reads the dequantized cache. The face against the reference (codes equal, y
+    close), and both against float attention on the unquantized cache (small, non-zero error)."""
+    from mmc import quantization as qz
+
+    n, kv, b, s, p, d = 4, 2, 2, 3, 5, 8
+    q, k, v = randn(b, n, s, d), randn(b, kv, s, d), randn(b, kv, s, d)
+    fk, fv = randn(b, kv, p, d) * 2, randn(b, kv, p, d)          # the float history
+    ks = qz.kv_scale(np.abs(np.concatenate([fk, k], 2)).max((0, 2, 3)), kind)
+    vs = qz.kv_scale(np.abs(np.concatenate([fv, v], 2)).max((0, 2, 3)), kind)
+    pk, pv = qz.quantize_per_head(fk, ks, kind), qz.quantize_per_head(fv, vs, kind)
+    mask = _masks(b, s, p + s)[0]
+    attrs = {"num_heads": n, "kv_heads": kv, "scale": 0.35, "nan_to_zero": 1, "kv_cache": kind}
+    ins = [q, k, v, pk, pv, mask, ks, vs]
+    got, ops = run_fused("Attention", ins, attrs, 3, 20, upgrade)
+    assert ("Attention" in ops) == upgrade and "QuantizeLinear" in ops
+    ref = OPS["Attention"].reference(ins, attrs)
+    for g, r in zip(got[1:], ref[1:]):
+        assert g.dtype == qz.kv_dtype(kind) and g.shape == (b, kv, p + s, d)
+        assert (g[:, :, :p] == r[:, :, :p]).all()  # the past codes pass through untouched
+        diff = np.abs(g.astype(np.float32) - r.astype(np.float32))
+        step = 1 if kind == "int8" else np.abs(r.astype(np.float32)) / 8  # one code (fp8: 3 mantissa bits)
+        assert (diff <= step + 1e-6).all() and (diff == 0).mean() > 0.99
+    close(got[0], ref[0], tol=1e-4)
+    exact = OPS["Attention"].reference([q, k, v, fk, fv, mask], {**attrs, "kv_cache": ""})[0]
+    err = np.abs(ref[0].astype(np.float64) - exact).max()
+    assert 0 < err < (0.03 if kind == "int8" else 0.15), err
+
+
 def test_fully_masked_rows_stay_finite():
     """A left-padded prompt's pad rows see no key; the ORT face must not produce NaN there
     (a NaN K/V at a pad slot would poison later steps through 0 * NaN)."""
@@ -159,6 +196,8 @@ def test_shape_inference_matches_ort():
     node = gs.Node("Attention", inputs=[q, k, v, pk, pv], outputs=[gs.Variable("y"), gs.Variable("a"),
                                                                      gs.Variable("c")], domain="mmc")
     assert [shape for _, shape in OPS["Attention"].infer(node)] == [[b, n, s, d], [b, kv, p + s, d], [b, kv, p + s, d]]
+    node.attrs["kv_cache"] = "int8"
+    assert [t for t, _ in OPS["Attention"].infer(node)] == [np.dtype("float32"), np.dtype("int8"), np.dtype("int8")]
     packed = gs.Node("SwiGLU", inputs=[gs.Variable("x", np.float32, ["B", 5, 64])], outputs=[gs.Variable("y")],
                      domain="mmc")
     assert OPS["SwiGLU"].infer(packed) == [(np.dtype("float32"), ["B", 5, 32])]

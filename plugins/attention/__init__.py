@@ -2,24 +2,33 @@
 
     inputs:  q [B, N, S, D]; k, v [B, KV, S, D] (this step's keys/values, rotary applied);
              past_k, past_v [B, KV, P, D] (optional); mask (optional), broadcastable to
-             [B, N, S, P+S]: bool (true = may attend) or float (added to the scores)
+             [B, N, S, P+S]: bool (true = may attend) or float (added to the scores);
+             k_scale, v_scale [KV] float32 (only with kv_cache)
     outputs: y [B, N, S, D]; present_k, present_v [B, KV, P+S, D] = cat(past, new) on axis 2
     attrs:   num_heads N, kv_heads KV, scale, nan_to_zero (1: rows whose softmax is NaN, i.e.
              fully masked with -inf, give 0 — sdpa's IsNaN guard; 0 when the pass proved the
-             mask finite)
+             mask finite); kv_cache "int8" | "fp8" (optional: the cache holds codes, one
+             scale per kv head; past and present are int8 / float8_e4m3fn)
 
     K = repeat(present_k, N/KV on the head axis)   # query head h reads kv head h // (N/KV)
     y = softmax(q @ K^T * scale + mask) @ V
+    kv_cache: present_k = cat(past_k, Q(k, k_scale)); K = DQ(present_k, k_scale)  (same for V):
+              every key is attended to as it is stored, this step's included
 
 Causal, padding and block-diagonal (vision windows) masks are all the `mask` input, so the op
 needs no proof about the mask's structure. ORT face: the standard Attention op (opset 23; GQA
 and past/present natively), with a bool mask turned into a finite additive one; older opsets
-get a decomposition (Concat, Tile-repeat, MatMul, Softmax, MatMul).
+get a decomposition (Concat, Tile-repeat, MatMul, Softmax, MatMul). With kv_cache the face
+quantizes k/v per head (QuantizeLinear axis 1), concatenates codes (int8; fp8 has no ONNX
+Concat, so its codes are concatenated dequantized and quantized again, which is exact) and
+attends over DequantizeLinear(present) with no past.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from mmc import quantization as qz
 
 from ..base import Emitter, FusedOp, dtype_of, present, shape_of
 
@@ -37,9 +46,15 @@ class Attention(FusedOp):
 
     def reference(self, inputs, attrs):
         q, k, v = inputs[:3]
-        past_k, past_v, mask = (inputs + [None] * 6)[3:6]
+        past_k, past_v, mask, k_scale, v_scale = (inputs + [None] * 8)[3:8]
+        kind = attrs.get("kv_cache")
+        if kind:  # the cache holds codes: store this step's k/v quantized, attend to what is stored
+            k, v = qz.quantize_per_head(k, k_scale, kind), qz.quantize_per_head(v, v_scale, kind)
         if past_k is not None:
             k, v = np.concatenate([past_k, k], axis=2), np.concatenate([past_v, v], axis=2)
+        present_k, present_v = k, v
+        if kind:
+            k, v = qz.dequantize_per_head(k, k_scale), qz.dequantize_per_head(v, v_scale)
         g = attrs["num_heads"] // attrs["kv_heads"]
         kr, vr = (np.repeat(t.astype(np.float64), g, axis=1) for t in (k, v))
         scores = q.astype(np.float64) @ kr.swapaxes(-1, -2) * attrs["scale"]
@@ -50,7 +65,7 @@ class Attention(FusedOp):
             p = p / p.sum(-1, keepdims=True)
         if attrs.get("nan_to_zero", 1):
             p = np.nan_to_num(p, nan=0.0)
-        return [(p @ vr).astype(q.dtype), k, v]
+        return [(p @ vr).astype(q.dtype), present_k, present_v]
 
     def infer(self, node):
         q, k = node.inputs[0], node.inputs[1]
@@ -64,7 +79,9 @@ class Attention(FusedOp):
         else:
             ps = shape_of(pk)
             pres = [ks[0], ks[1], _cat_dim(ps[2], ks[2]) if ps else None, ks[3]]
-        return [(dtype_of(q), y), (dtype_of(k), pres), (dtype_of(k), pres)]
+        kind = node.attrs.get("kv_cache")
+        cache = qz.kv_dtype(kind) if kind else dtype_of(k)
+        return [(dtype_of(q), y), (cache, pres), (cache, pres)]
 
     def lower_ort(self, emit: Emitter, node, opset):
         q, k, v = node.inputs[:3]
@@ -73,6 +90,11 @@ class Attention(FusedOp):
         if mask is not None and dtype_of(mask) == np.dtype(bool):
             zero, lowest = emit.const(0.0, dtype_of(q)), emit.const(LOWEST, dtype_of(q))
             mask = emit.op("Where", [mask, zero, lowest])[0]  # finite: a fully masked row stays NaN-free
+        if node.attrs.get("kv_cache"):  # attend over the dequantized cache, this step's codes included
+            k, v = (self._quantized_cache(emit, node, new, past, present(node, i), out)
+                    for new, past, i, out in ((k, past_k, 6, outs[1]), (v, past_v, 7, outs[2])))
+            past_k = past_v = None
+            outs[1] = outs[2] = None
         nan_to_zero = node.attrs.get("nan_to_zero", 1)
         y = emit.var(dtype_of(q)) if nan_to_zero else outs[0]
         if opset >= 23:
@@ -83,6 +105,26 @@ class Attention(FusedOp):
         if nan_to_zero:  # sdpa's guard: a NaN row (all -inf) becomes 0
             zero = emit.const(0.0, dtype_of(q))
             emit.op("Where", [emit.op("IsNaN", [y])[0], zero, y], [outs[0]])
+
+    @staticmethod
+    def _quantized_cache(emit: Emitter, node, new, past, scale, out):
+        """present = cat(past, Q(new)) written to `out`; returns DQ(present) (float, [B, KV, P+S, D])."""
+        kind = node.attrs["kv_cache"]
+        zp = emit.const(np.zeros(node.attrs["kv_heads"]), qz.kv_dtype(kind))
+        axis = {"axis": 1}
+        codes = emit.op("QuantizeLinear", [new, scale, zp], 1, axis)[0]
+        if past is None:
+            pres = emit.op("Identity", [codes], [out] if out is not None else 1)[0]
+        elif kind == "int8":
+            pres = emit.op("Concat", [past, codes], [out] if out is not None else 1, {"axis": 2})[0]
+        else:  # ONNX Concat takes no float8: join dequantized codes, quantize again (exact: x = q*s -> q)
+            parts = [emit.op("DequantizeLinear", [t, scale, zp], 1, axis)[0] for t in (past, codes)]
+            joined = emit.op("Concat", parts, 1, {"axis": 2})[0]
+            pres = emit.op("QuantizeLinear", [joined, scale, zp], [out] if out is not None else 1, axis)[0]
+        full = emit.op("DequantizeLinear", [pres, scale, zp], 1, axis, dtype=np.float32)[0]
+        ns = shape_of(new)
+        full.shape = [ns[0], ns[1], None, ns[3]] if ns else None  # the decomposition reads the head dim
+        return full
 
     @staticmethod
     def _decompose(emit, node, q, k, v, past_k, past_v, mask, outs):
