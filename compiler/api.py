@@ -28,8 +28,8 @@ from .pass_manager import PassManager, records_json
 
 log = logging.getLogger("mmc")
 
-TARGETS = ("ort",)
-PLANNED_TARGETS = ("cuda", "tensorrt")
+TARGETS = ("ort", "cuda")
+PLANNED_TARGETS = ("tensorrt",)
 
 
 @dataclass
@@ -97,7 +97,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                   quantize: str | None = None, group_size: int = 128,
                   max_drop: float | None = None, calib=None, calib_method: str = "minmax",
                   calib_percentile: float = 99.99, smooth_alpha: float | None = 0.5,
-                  kv_cache: str | None = None) -> CompileResult:
+                  kv_cache: str | None = None, precision: str | None = None) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
     from mmc.runtime import engine_format as fmt
@@ -105,6 +105,9 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     if target not in TARGETS:
         hint = " (planned, not in this release)" if target in PLANNED_TARGETS else ""
         raise MmcError(f"unknown target {target!r}{hint}; available: {', '.join(TARGETS)}")
+    precision = precision or ("bf16" if target == "cuda" else "fp32")
+    if target == "ort" and precision != "fp32":
+        raise MmcError(f"--precision {precision}: target ort engines are fp32 (mixed precision is for --target cuda)")
     for spec in pass_modules:
         registry.load_pass_module(spec)
     pipeline = registry.resolve_pipeline(passes)
@@ -164,6 +167,13 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                     bar.step("measuring quantization accuracy")
                     result.quantization = quantization_summary(
                         quant, manager.options, manager.float_models.get("decoder"), graph, max_drop)
+                if target == "cuda":
+                    from .plan import write_plan
+
+                    manifest_components[comp.name] = write_plan(graph, comp.name, precision, stage)
+                    manifest_components[comp.name]["fused_ops"] = fused_ops
+                    result.nodes[comp.name] = (nodes_export, len(graph.nodes))
+                    continue
                 graph = lower_graph(graph, target)
                 model_proto = ir.to_model(graph)
                 rel = f"graphs/{comp.name}.onnx"
@@ -178,7 +188,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             bar.step("writing engine")
             from safetensors.numpy import save_file
 
-            (stage / "weights").mkdir()
+            (stage / "weights").mkdir(exist_ok=True)
             save_file(adapter.host_weights(torch_model), str(stage / "weights" / "host.safetensors"))
             (stage / "assets").mkdir()
             for f in adapter.asset_files():
@@ -198,7 +208,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 "passes": pipeline,
                 "quantization": result.quantization,
                 "target": target,
-                "target_info": {"runtime": "onnxruntime", "opset": int(model_proto.opset_import[0].version)},
+                "target_info": {"runtime": "mmc-cuda", "precision": precision, "plan_format": 1} if target == "cuda"
+                else {"runtime": "onnxruntime", "opset": int(model_proto.opset_import[0].version)},
                 "components": manifest_components,
                 "host": adapter.host_metadata(),
                 "host_weights": "weights/host.safetensors",

@@ -35,7 +35,7 @@ def cmd_compile(args) -> int:
         verify_each=args.verify_each, check=args.check, exporter=args.exporter, opset=args.opset,
         quantize=args.int8 or args.int4 or args.fp8, group_size=args.group_size, max_drop=args.max_drop,
         calib=args.calib, calib_method=args.calib_method, calib_percentile=args.calib_percentile,
-        smooth_alpha=None if args.no_smooth else args.smooth_alpha, kv_cache=args.kv_cache,
+        smooth_alpha=None if args.no_smooth else args.smooth_alpha, kv_cache=args.kv_cache, precision=args.precision,
         pass_modules=args.pass_module,
         progress=not args.quiet,
     )
@@ -124,7 +124,8 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     from mmc.runtime import load
 
-    engine = load(args.engine, device=args.device)
+    options = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
+    engine = load(args.engine, device=args.device, **options)
     kwargs = dict(images=args.image, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.json:
@@ -159,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face checkpoint directory or preset name (default: tiny-qwen2.5-vl)")
     c.add_argument("-o", "--output", help="engine folder to write (default: <model>.mmc)")
     c.add_argument("--passes", default="all", help="'all' (default), 'none', or a comma list, e.g. all,my-pass")
-    c.add_argument("--target", default="ort", choices=TARGETS, help="backend the engine is for (default: ort)")
+    c.add_argument("--target", default="ort", choices=TARGETS,
+                   help="backend the engine is for: ort (ONNX Runtime, default) or cuda (mmc's own GPU engine)")
+    c.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="float precision of a cuda engine's weights and activations (default: bf16; ort: fp32)")
     c.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"),
                    help="torch ONNX exporter (default: dynamo; torchscript traces faster)")
     c.add_argument("--opset", type=int, default=None,
@@ -223,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    r.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="cuda engines: KV-cache slots per sequence, prompt included (default: 1024)")
     r.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
     r.set_defaults(func=cmd_run)
     return p

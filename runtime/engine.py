@@ -124,12 +124,18 @@ def _providers(device: str) -> list[str]:
     raise MmcError(f"unknown device {device!r} (auto, cpu, cuda)")
 
 
-class Engine:
-    def __init__(self, path: str | Path, device: str = "auto", verify: bool = True):
+class BaseEngine:
+    """What every target shares: the manifest, host weights (token embeddings), the processor
+    and the generation loop. A target supplies encode_images, prefill and decode_one_token."""
+
+    target = ""
+
+    def __init__(self, path: str | Path, verify: bool = True):
         self.root = Path(path)
         self.manifest = fmt.read_manifest(self.root, verify_hashes=verify)
-        if self.manifest["target"] != "ort":
-            raise MmcError(f"engine {self.root} is for target {self.manifest['target']!r}; this runtime runs 'ort'")
+        if self.manifest["target"] != self.target:
+            raise MmcError(f"engine {self.root} is for target {self.manifest['target']!r}; "
+                           f"this runtime runs {self.target!r}")
         self.host = self.manifest["host"]
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -138,54 +144,15 @@ class Engine:
             self.embed_tokens = load_file(str(fmt.inside(self.root, self.manifest["host_weights"])))["embed_tokens"]
         except (SafetensorError, KeyError, OSError) as e:
             raise fmt.EngineError(f"engine {self.root} is corrupt: host weights unreadable ({e})") from e
-        providers = _providers(device)
-        comps = self.manifest["components"]
         self.mrope = self.host.get("mrope", True)  # engines of format 1 before text-only LMs were M-RoPE
+        comps = self.manifest["components"]
         for needed in ("vision", "decoder") if self.host.get("image_token_id") is not None else ("decoder",):
             if needed not in comps:
                 raise fmt.EngineError(f"engine {self.root} lacks the {needed!r} component")
-        self.vision = Component(self.root, "vision", comps["vision"], providers) if "vision" in comps else None
-        self.decoder = Component(self.root, "decoder", comps["decoder"], providers)
         self.processor = Processor(fmt.inside(self.root, self.manifest["assets"]), self.host)
-        self.kv_types = {i["name"]: i.get("dtype", "float32") for i in comps["decoder"]["inputs"]
-                         if i["name"].startswith("past_")}
-        self.kv_names = list(self.kv_types)
-        for name, dtype in self.kv_types.items():
-            if dtype not in CACHE_TYPES:
-                raise fmt.EngineError(f"engine {self.root}: cache input {name} has type {dtype!r}; "
-                                      f"this runtime keeps caches of {', '.join(CACHE_TYPES)}")
-
-    # ---- model steps --------------------------------------------------------------------
-    def encode_images(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
-        if self.vision is None:
-            raise MmcError(f"engine {self.root} is a text-only model; it cannot take images")
-        feeds = vision_feeds(pixel_values, grid_thw, self.host)
-        return self.vision.run(feeds, host_outputs=("image_embeds",))["image_embeds"]  # [N/4, H]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embed_tokens[ids]  # [..., H]
-
-    def empty_cache(self, batch: int) -> dict:
-        h = self.host
-        shape = (batch, h["num_kv_heads"], 0, h["head_dim"])
-        return {n: _empty(shape, self.kv_types[n]) for n in self.kv_names}
-
-    def prefill(self, embeds, positions, mask):
-        # embeds [B, S, H]; positions [3, B, S] (M-RoPE) or [B, S]; mask [B, S] -> logits of the last position [B, V], K/V
-        out = self.decoder.run({"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask,
-                                **self.empty_cache(embeds.shape[0])}, host_outputs=("logits",))
-        return out["logits"][:, -1], self._present_as_past(out)
-
-    def decode_one_token(self, token_ids, positions, mask, cache):
-        # token_ids [B]; positions [3, B, 1] (M-RoPE) or [B, 1]; mask [B, P+1]; cache: K/V of P positions
-        embeds = self.embed(token_ids)[:, None, :]  # [B, 1, H]
-        out = self.decoder.run({"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask},
-                               device_inputs=cache, host_outputs=("logits",))
-        return out["logits"][:, -1], self._present_as_past(out)
-
-    @staticmethod
-    def _present_as_past(out: dict) -> dict:
-        return {k.replace("present_", "past_", 1): v for k, v in out.items() if k.startswith("present_")}
 
     # ---- generation ---------------------------------------------------------------------
     def _prepare_batch(self, prompts: list[str], images: list[list]):
@@ -266,6 +233,63 @@ class Engine:
             yield StreamChunk(None, full[len(emitted):] if full.startswith(emitted) else full)
 
 
-def load(path: str | Path, device: str = "auto", verify: bool = True) -> Engine:
-    """Load an engine folder written by `mmc compile`."""
+
+class Engine(BaseEngine):
+    """An ONNX Runtime engine (target "ort")."""
+
+    target = "ort"
+
+    def __init__(self, path: str | Path, device: str = "auto", verify: bool = True):
+        super().__init__(path, verify)
+        providers = _providers(device)
+        comps = self.manifest["components"]
+        self.vision = Component(self.root, "vision", comps["vision"], providers) if "vision" in comps else None
+        self.decoder = Component(self.root, "decoder", comps["decoder"], providers)
+        self.kv_types = {i["name"]: i.get("dtype", "float32") for i in comps["decoder"]["inputs"]
+                         if i["name"].startswith("past_")}
+        self.kv_names = list(self.kv_types)
+        for name, dtype in self.kv_types.items():
+            if dtype not in CACHE_TYPES:
+                raise fmt.EngineError(f"engine {self.root}: cache input {name} has type {dtype!r}; "
+                                      f"this runtime keeps caches of {', '.join(CACHE_TYPES)}")
+
+    # ---- model steps --------------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
+        if self.vision is None:
+            raise MmcError(f"engine {self.root} is a text-only model; it cannot take images")
+        feeds = vision_feeds(pixel_values, grid_thw, self.host)
+        return self.vision.run(feeds, host_outputs=("image_embeds",))["image_embeds"]  # [N/4, H]
+
+    def empty_cache(self, batch: int) -> dict:
+        h = self.host
+        shape = (batch, h["num_kv_heads"], 0, h["head_dim"])
+        return {n: _empty(shape, self.kv_types[n]) for n in self.kv_names}
+
+    def prefill(self, embeds, positions, mask):
+        # embeds [B, S, H]; positions [3, B, S] (M-RoPE) or [B, S]; mask [B, S] -> logits of the last position [B, V], K/V
+        out = self.decoder.run({"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask,
+                                **self.empty_cache(embeds.shape[0])}, host_outputs=("logits",))
+        return out["logits"][:, -1], self._present_as_past(out)
+
+    def decode_one_token(self, token_ids, positions, mask, cache):
+        # token_ids [B]; positions [3, B, 1] (M-RoPE) or [B, 1]; mask [B, P+1]; cache: K/V of P positions
+        embeds = self.embed(token_ids)[:, None, :]  # [B, 1, H]
+        out = self.decoder.run({"inputs_embeds": embeds, "position_ids": positions, "attention_mask": mask},
+                               device_inputs=cache, host_outputs=("logits",))
+        return out["logits"][:, -1], self._present_as_past(out)
+
+    @staticmethod
+    def _present_as_past(out: dict) -> dict:
+        return {k.replace("present_", "past_", 1): v for k, v in out.items() if k.startswith("present_")}
+
+def load(path: str | Path, device: str = "auto", verify: bool = True, **options) -> BaseEngine:
+    """Load an engine folder written by `mmc compile`, for the target its manifest names
+    ("ort": ONNX Runtime; "cuda": mmc's own engine; options such as max_seq_len go to it)."""
+    target = fmt.read_manifest(Path(path), verify_hashes=False).get("target")
+    if target == "cuda":
+        from .cuda.engine import CudaEngine
+
+        return CudaEngine(path, device=device, verify=verify, **options)
+    if options:
+        raise MmcError(f"options {sorted(options)} apply to cuda engines only")
     return Engine(path, device=device, verify=verify)

@@ -2,7 +2,7 @@
 
     ENGINE/                     (conventionally named *.mmc)
       manifest.json             format_version, mmc_version, source {id, sha256}, passes,
-                                quantization, target, components {name: {graph, inputs, outputs}},
+                                quantization, target, components {name: {graph | plan + weights, inputs, outputs}},
                                 host {...}, files {relpath: {bytes, sha256}}
       graphs/<component>.onnx   + <component>.onnx.data (ONNX external data, same folder)
       weights/host.safetensors  tensors the host glue uses (token embedding table)
@@ -123,9 +123,10 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> dict:
         if not isinstance(manifest.get(key), kind):
             raise EngineError(f"engine {root} is corrupt: {MANIFEST} lacks {key!r} or it is not a {kind.__name__}")
     for name, comp in manifest["components"].items():
-        if not isinstance(comp, dict) or not isinstance(comp.get("graph"), str) or not all(
-                isinstance(comp.get(k), list) for k in ("inputs", "outputs")):
-            raise EngineError(f"engine {root} is corrupt: component {name!r} lacks graph/inputs/outputs")
+        if not isinstance(comp, dict) or not all(isinstance(comp.get(k), list) for k in ("inputs", "outputs")) \
+                or not all(isinstance(comp.get(k), str) for k in _component_files(manifest["target"])):
+            raise EngineError(f"engine {root} is corrupt: component {name!r} lacks "
+                              f"{'/'.join(_component_files(manifest['target']))}/inputs/outputs")
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST}
     unlisted = sorted(on_disk - set(manifest["files"]))
     if unlisted:
@@ -141,7 +142,13 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> dict:
         if verify_hashes and sha256_file(p) != info.get("sha256"):
             raise EngineError(f"engine {root} is corrupt: {rel} does not match its checksum")
     for name, comp in manifest["components"].items():
-        inside(root, comp["graph"])
-        if comp["graph"] not in manifest["files"]:
-            raise EngineError(f"engine {root} is corrupt: graph of component {name!r} is not listed in its files")
+        for key in _component_files(manifest["target"]):
+            inside(root, comp[key])
+            if comp[key] not in manifest["files"]:
+                raise EngineError(f"engine {root} is corrupt: {key} of component {name!r} is not listed in its files")
     return manifest
+
+
+def _component_files(target: str) -> tuple[str, ...]:
+    """The files a component of this target names: an ONNX graph, or a plan and its weights."""
+    return ("plan", "weights") if target == "cuda" else ("graph",)

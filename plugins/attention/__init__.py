@@ -67,6 +67,22 @@ class Attention(FusedOp):
             p = np.nan_to_num(p, nan=0.0)
         return [(p @ vr).astype(q.dtype), present_k, present_v]
 
+    def torch_reference(self, inputs, attrs):
+        """The cuda target's reference kernel (torch; scores and softmax in float32, as sdpa)."""
+        import torch
+
+        q, k, v = inputs[:3]
+        past_k, past_v, mask, k_scale, v_scale = (list(inputs) + [None] * 8)[3:8]
+        kind = attrs.get("kv_cache")
+        if kind:
+            k, v = torch_quantize_kv(k, k_scale, kind), torch_quantize_kv(v, v_scale, kind)
+        if past_k is not None:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        present_k, present_v = k, v
+        if kind:
+            k, v = torch_dequantize_kv(k, k_scale, q.dtype), torch_dequantize_kv(v, v_scale, q.dtype)
+        return [torch_attend(q, k, v, mask, attrs), present_k, present_v]
+
     def infer(self, node):
         q, k = node.inputs[0], node.inputs[1]
         qs, ks = shape_of(q), shape_of(k)
@@ -148,3 +164,34 @@ class Attention(FusedOp):
             scores = emit.op("Add", [scores, mask])[0]
         probs = emit.op("Softmax", [scores], 1, {"axis": -1})[0]
         emit.op("MatMul", [probs, full[1]], [outs[0]])
+
+
+def torch_attend(q, k, v, mask, attrs):
+    """softmax(q Kᵀ·scale + mask) V with kv heads repeated; q [B, N, S, D], k/v [B, KV, T, D];
+    mask bool (True = may attend) or additive, broadcastable to [B, N, S, T]."""
+    import torch
+
+    g = attrs["num_heads"] // attrs["kv_heads"]
+    kf = k.float().repeat_interleave(g, dim=1) if g > 1 else k.float()
+    vf = v.float().repeat_interleave(g, dim=1) if g > 1 else v.float()
+    scores = q.float() @ kf.transpose(-1, -2) * attrs["scale"]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    p = torch.softmax(scores, dim=-1)
+    if attrs.get("nan_to_zero", 1):
+        p = torch.nan_to_num(p, nan=0.0)
+    return (p @ vf).to(q.dtype)
+
+
+def torch_quantize_kv(x, scale, kind):
+    """[B, KV, T, D] -> codes, one scale per head (QuantizeLinear's math, as quantize_per_head)."""
+    import torch
+
+    y = x.float() / scale.float().reshape(1, -1, 1, 1)
+    if kind == "int8":
+        return torch.round(y).clamp(-128, 127).to(torch.int8)
+    return y.clamp(-qz.FP8_MAX, qz.FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def torch_dequantize_kv(codes, scale, dtype):
+    return (codes.float() * scale.float().reshape(1, -1, 1, 1)).to(dtype)

@@ -26,6 +26,21 @@ def _ln(x, w, b, eps):
     return y + b if b is not None else y
 
 
+def _torch_rms(x, w, eps):
+    """transformers' RMSNorm: normalize in float32, back to x's dtype, then scale."""
+    import torch
+
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w.to(x.dtype)
+
+
+def _torch_ln(x, w, b, eps):
+    import torch.nn.functional as F
+
+    y = F.layer_norm(x.float(), x.shape[-1:], w.float(), b.float() if b is not None else None, eps)
+    return y.to(x.dtype)
+
+
 class RMSNorm(FusedOp):
     """y = x / sqrt(mean(x², axis=-1) + epsilon) * weight
 
@@ -40,6 +55,9 @@ class RMSNorm(FusedOp):
     def reference(self, inputs, attrs):
         x, w = inputs[:2]
         return [_rms(x, w, attrs["epsilon"]).astype(x.dtype)]
+
+    def torch_reference(self, inputs, attrs):
+        return [_torch_rms(inputs[0], inputs[1], attrs["epsilon"])]
 
     def infer(self, node):
         return [(dtype_of(node.inputs[0]), shape_of(node.inputs[0]))]
@@ -69,6 +87,12 @@ class SkipRMSNorm(FusedOp):
         s = s + b if b is not None else s
         return [_rms(s, w, attrs["epsilon"]).astype(x.dtype), s.astype(x.dtype)]
 
+    def torch_reference(self, inputs, attrs):
+        s = inputs[0] + inputs[1]  # the residual sum, in the activation dtype
+        if len(inputs) > 3 and inputs[3] is not None:
+            s = s + inputs[3]
+        return [_torch_rms(s, inputs[2], attrs["epsilon"]), s]
+
     def infer(self, node):
         t = (dtype_of(node.inputs[0]), shape_of(node.inputs[0]))
         return [t, t]
@@ -96,6 +120,9 @@ class LayerNorm(FusedOp):
         b = inputs[2] if len(inputs) > 2 else None
         return [_ln(x, w, b, attrs["epsilon"]).astype(x.dtype)]
 
+    def torch_reference(self, inputs, attrs):
+        return [_torch_ln(inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None, attrs["epsilon"])]
+
     def infer(self, node):
         return [(dtype_of(node.inputs[0]), shape_of(node.inputs[0]))]
 
@@ -121,6 +148,12 @@ class SkipLayerNorm(FusedOp):
         s = x.astype(np.float64) + skip
         s = s + b if b is not None else s
         return [_ln(s, w, beta, attrs["epsilon"]).astype(x.dtype), s.astype(x.dtype)]
+
+    def torch_reference(self, inputs, attrs):
+        s = inputs[0] + inputs[1]
+        if len(inputs) > 4 and inputs[4] is not None:
+            s = s + inputs[4]
+        return [_torch_ln(s, inputs[2], inputs[3] if len(inputs) > 3 else None, attrs["epsilon"]), s]
 
     def infer(self, node):
         t = (dtype_of(node.inputs[0]), shape_of(node.inputs[0]))

@@ -40,6 +40,20 @@ class RotaryEmbedding(FusedOp):
         y = np.concatenate([xr * cos + rot * sin, x[..., r:]], axis=-1)
         return [y.astype(x.dtype)]
 
+    def torch_reference(self, inputs, attrs):
+        """x*cos + rotate_half(x)*sin on the first rotary_dim channels, tables cast to x's dtype
+        (transformers' apply_rotary_pos_emb)."""
+        import torch
+
+        x, cos, sin = inputs
+        r = attrs.get("rotary_dim", 0) or x.shape[-1]
+        head_axis = 1 if attrs.get("layout", "bnsd") == "bnsd" else -2
+        cos, sin = (t.unsqueeze(head_axis).to(x.dtype) for t in (cos, sin))
+        xr = x[..., :r]
+        rot = torch.cat([-xr[..., r // 2:], xr[..., :r // 2]], dim=-1)
+        y = xr * cos + rot * sin
+        return [torch.cat([y, x[..., r:]], dim=-1) if r < x.shape[-1] else y]
+
     def infer(self, node):
         return [(dtype_of(node.inputs[0]), shape_of(node.inputs[0]))]
 

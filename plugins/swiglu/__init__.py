@@ -43,6 +43,16 @@ class SwiGLU(FusedOp):
             gate, up = inputs
         return [(_act(gate, attrs.get("activation", "silu")) * up).astype(gate.dtype)]
 
+    def torch_reference(self, inputs, attrs):
+        """The cuda target's reference kernel: act in the input dtype, as transformers computes it."""
+        import torch
+        import torch.nn.functional as F
+
+        gate, up = torch.chunk(inputs[0], 2, dim=-1) if len(inputs) == 1 else inputs
+        kind = attrs.get("activation", "silu")
+        act = F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh" if kind == "gelu_tanh" else "none")
+        return [act * up]
+
     def infer(self, node):
         shape = shape_of(node.inputs[0])
         if shape is not None and len(node.inputs) == 1:

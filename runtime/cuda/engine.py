@@ -1,0 +1,183 @@
+"""mmc's own engine (target "cuda"): plans run by `Executor` on a CUDA GPU — or on the CPU with
+the reference kernels, for tests — with a static KV cache and the decode step in a CUDA graph.
+
+    load:     plans/<component>.json + weights/<component>.safetensors (engine precision)
+    vision:   eager, once per prompt's images
+    prefill:  eager, the decoder with an empty cache; the present K/V it returns are copied into
+              static buffers [B, KV, max_seq_len, D] (preallocated per batch)
+    decode:   one token per step. The step's inputs live in static device buffers: token ids
+              (embedded on the device), positions, the attention mask over all max_seq_len slots
+              (1 = written and not padding) and the slot to write. The decoder sees a cache of
+              max_seq_len - 1 positions plus this token, so every shape is fixed; each cache
+              attention writes its K/V at the slot in place. On CUDA the step is captured once
+              per batch size in a CUDA graph and replayed; only the logits come back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmc.errors import MmcError, first_line
+
+from .. import engine_format as fmt
+from ..engine import BaseEngine
+from .executor import TORCH_DTYPES, Executor, StaticCache
+
+DEFAULT_MAX_SEQ_LEN = 1024
+
+
+def _device(device: str) -> torch.device:
+    if device in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if device == "cuda":
+            raise MmcError("device 'cuda' needs a CUDA GPU and a CUDA build of torch; none is available")
+        return torch.device("cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    raise MmcError(f"unknown device {device!r} (auto, cpu, cuda)")
+
+
+def load_component(root: Path, name: str, spec: dict, device: torch.device) -> Executor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        plan = json.loads(fmt.inside(root, spec["plan"]).read_text())
+        weights = load_file(str(fmt.inside(root, spec["weights"])))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise fmt.EngineError(f"engine {root} is corrupt: component {name!r} unreadable ({first_line(e)})") from e
+    if plan.get("format") != 1:
+        raise fmt.EngineError(f"engine {root}: plan format {plan.get('format')!r} of {name!r} is not 1")
+    missing = sorted(set(plan["constants"]) - set(weights))
+    if missing:
+        raise fmt.EngineError(f"engine {root} is corrupt: {name!r} weights lack {missing[:3]}")
+    return Executor(plan, weights, device)
+
+
+class CudaEngine(BaseEngine):
+    target = "cuda"
+
+    def __init__(self, path: str | Path, device: str = "auto", verify: bool = True,
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, cuda_graphs: bool = True):
+        super().__init__(path, verify)
+        self.device = _device(device)
+        if max_seq_len < 2:
+            raise MmcError(f"max_seq_len must be >= 2 (got {max_seq_len})")
+        self.max_seq_len = max_seq_len
+        comps = self.manifest["components"]
+        self.vision = load_component(self.root, "vision", comps["vision"], self.device) if "vision" in comps else None
+        self.decoder = load_component(self.root, "decoder", comps["decoder"], self.device)
+        self.dtype = self.decoder.dtype
+        self.embed_device = torch.from_numpy(self.embed_tokens).to(self.device, self.dtype)  # [V, H]
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._decode: dict[int, _DecodeStep] = {}  # batch size -> its static step
+
+    def encode_images(self, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndarray:
+        from ..vision_glue import vision_feeds
+
+        if self.vision is None:
+            raise MmcError(f"engine {self.root} is a text-only model; it cannot take images")
+        feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in vision_feeds(pixel_values, grid_thw, self.host).items()}
+        out = self.vision.run(feeds)["image_embeds"]
+        return out.float().cpu().numpy()  # [N/4, H]
+
+    def prefill(self, embeds, positions, mask):
+        # embeds [B, S, H]; positions [3, B, S] / [B, S]; mask [B, S] -> last logits [B, V], cache state
+        b, s = mask.shape
+        if s >= self.max_seq_len:
+            raise MmcError(f"the prompt has {s} tokens; this engine was loaded with max_seq_len {self.max_seq_len}")
+        h = self.host
+        empty = torch.zeros(b, h["num_kv_heads"], 0, h["head_dim"])
+        feeds = {"inputs_embeds": torch.from_numpy(embeds), "position_ids": torch.from_numpy(np.ascontiguousarray(positions)),
+                 "attention_mask": torch.from_numpy(mask)}
+        feeds |= {c: empty.to(_cache_dtype(self.decoder, c, self.dtype)) for st in self.decoder.cache_steps.values()
+                  for c in st["past"]}
+        with torch.inference_mode():
+            out = self.decoder.run(feeds)
+            step = self._decode_step(b)
+            for i, c in self.decoder.cache_steps.items():
+                kbuf, vbuf = step.cache.buffers[i]
+                kbuf[:, :, :s].copy_(out[c["present"][0]])
+                vbuf[:, :, :s].copy_(out[c["present"][1]])
+        return out["logits"][:, -1].float().cpu().numpy(), {"batch": b}
+
+    def decode_one_token(self, token_ids, positions, mask, state):
+        # token_ids [B]; positions [3, B, 1] / [B, 1]; mask [B, P+1] -> logits [B, V]
+        total = mask.shape[1]
+        if total > self.max_seq_len:
+            raise MmcError(f"the sequence reached {total} tokens; this engine was loaded with max_seq_len "
+                           f"{self.max_seq_len} (load(..., max_seq_len=N) for more)")
+        step = self._decode_step(state["batch"])
+        with torch.inference_mode():
+            logits = step(token_ids, positions, mask)
+        return logits.float().cpu().numpy(), state
+
+    def _decode_step(self, batch: int) -> _DecodeStep:
+        if batch not in self._decode:
+            self._decode.clear()  # one batch size at a time: the buffers are the memory
+            self._decode[batch] = _DecodeStep(self, batch)
+        return self._decode[batch]
+
+
+def _cache_dtype(executor: Executor, name: str, float_dtype: torch.dtype) -> torch.dtype:
+    spec = next(i for i in executor.plan["inputs"] if i["name"] == name)
+    dtype = TORCH_DTYPES.get(spec["dtype"] or "float32", torch.float32)
+    return float_dtype if dtype.is_floating_point and dtype.itemsize >= 2 else dtype
+
+
+class _DecodeStep:
+    """The static buffers of one batch size and the decode step over them (a CUDA graph on CUDA)."""
+
+    def __init__(self, engine: CudaEngine, batch: int):
+        self.engine, self.batch = engine, batch
+        dev, h, t = engine.device, engine.host, engine.max_seq_len
+        dec = engine.decoder
+        buffers = {}
+        for i, c in dec.cache_steps.items():
+            dtype = _cache_dtype(dec, c["past"][0], engine.dtype)
+            shape = (batch, h["num_kv_heads"], t, h["head_dim"])
+            buffers[i] = (torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+        self.cache = StaticCache(buffers, torch.zeros(1, dtype=torch.int64, device=dev), t)
+        self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
+        pos_shape = (3, batch, 1) if engine.mrope else (batch, 1)
+        self.positions = torch.zeros(pos_shape, dtype=torch.int64, device=dev)
+        self.mask = torch.zeros(batch, t, dtype=torch.int64, device=dev)
+        self.past_views = {c["past"][j]: buffers[i][j][:, :, :t - 1] for i, c in dec.cache_steps.items() for j in (0, 1)}
+        self.graph = None
+        self.logits = None
+
+    def _run(self) -> torch.Tensor:
+        e = self.engine
+        feeds = {"inputs_embeds": e.embed_device[self.tokens][:, None, :], "position_ids": self.positions,
+                 "attention_mask": self.mask, **self.past_views}
+        return e.decoder.run(feeds, cache=self.cache, outputs=("logits",))["logits"][:, -1]
+
+    def __call__(self, token_ids, positions, mask) -> torch.Tensor:
+        total = mask.shape[1]
+        self.tokens.copy_(torch.from_numpy(np.asarray(token_ids, dtype=np.int64)))
+        self.positions.copy_(torch.from_numpy(np.ascontiguousarray(positions)).reshape(self.positions.shape))
+        self.mask.zero_()
+        self.mask[:, :total].copy_(torch.from_numpy(mask))
+        self.cache.pos.fill_(total - 1)
+        if not self.engine.cuda_graphs:
+            return self._run()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: host values and uploads of this bucket, kernel autotuning
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()

@@ -1,0 +1,193 @@
+"""Runs a plan (compiler/plan.py) with torch on one device: the cuda target's executor, which
+also runs on the CPU (the same steps, the plugins' torch reference kernels) so CI tests it.
+
+    run(feeds)                      every step, in order; values dropped after their last reader
+    run(feeds, cache=StaticCache)   decode with a static KV cache: each cache attention writes
+                                    this step's K/V at `cache.pos` into its preallocated buffer
+                                    and attends over the whole buffer (the mask hides the slots
+                                    not written yet); present outputs are not produced
+Host steps (shape arithmetic) depend on input shapes only: their values, and the device copies
+of host values that device steps read, are kept per input-shape bucket, so a later run of the
+same bucket — and a CUDA graph capture of it — executes device steps alone.
+
+dtypes: float graph inputs become the engine precision; a device step that mixes engine-precision
+and float32 inputs computes in the engine precision (float32 tables are cast, as transformers
+casts cos/sin to the activation dtype); Cast to float keeps an activation in the engine precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .onnx_ops import DTYPES, HOST_ARGS, OPS
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8,
+                "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn, "float64": torch.float64}
+
+
+@dataclass
+class StaticCache:
+    """Per cache attention step: K and V buffers [B, KV, max_len, D]; `pos` [1] int64 on the
+    device, the slot this decode step writes (the same for every row: batches are left-padded)."""
+    buffers: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    pos: torch.Tensor
+    max_len: int
+
+
+def _attr(v):
+    if isinstance(v, dict) and "tensor" in v:
+        t = v["tensor"]
+        return torch.tensor(t["data"], dtype=TORCH_DTYPES[t["dtype"]]).reshape(t["shape"])
+    if isinstance(v, list):
+        return [_attr(x) for x in v]
+    return v
+
+
+class Executor:
+    def __init__(self, plan: dict, constants: dict[str, torch.Tensor], device: str | torch.device):
+        from mmc.plugins import OPS as MMC_OPS
+
+        self.plan, self.device = plan, torch.device(device)
+        self.dtype = TORCH_DTYPES[{"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan["precision"]]]
+        self.steps = plan["steps"]
+        self.attrs = [{k: _attr(v) for k, v in s["attrs"].items()} for s in self.steps]
+        self.kernels = []
+        for s in self.steps:
+            if s["domain"] == "mmc":
+                op = MMC_OPS[s["op"]]
+                self.kernels.append(_attention_step if s["op"] == "Attention"
+                                    else (lambda ins, attrs, op=op: op.torch_reference(ins, attrs)))
+            else:
+                self.kernels.append(OPS[s["op"]])
+        self.constants = {}
+        for name, spec in plan["constants"].items():
+            t = constants[name]
+            self.constants[name] = t.to(self.device) if spec["place"] == "device" else t.cpu()
+        self.cache_steps = {c["step"]: c for c in plan.get("caches", [])}
+        self.host_names = {n for n, c in plan["constants"].items() if c["place"] == "host"} | {
+            o for s in self.steps if s["place"] == "host" for o in s["outputs"] if o}
+        self.output_names = [o["name"] for o in plan["outputs"]]
+        self._buckets: dict[tuple, dict] = {}
+
+    # ---- one run ----------------------------------------------------------------------------
+    def run(self, feeds: dict[str, torch.Tensor], cache: StaticCache | None = None,
+            outputs: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        env: dict[str, torch.Tensor] = dict(self.constants)
+        for spec in self.plan["inputs"]:
+            x = feeds[spec["name"]]
+            if x.dtype in _WIDE_FLOATS and x.dtype != self.dtype:
+                x = x.to(self.dtype)
+            env[spec["name"]] = x.to(self.device) if x.device != self.device else x
+        key = (cache is not None,) + tuple(tuple(feeds[s["name"]].shape) for s in self.plan["inputs"])
+        bucket = self._buckets.get(key)
+        fresh = bucket is None
+        if fresh:
+            bucket = {"host": {}, "uploads": {}}
+        else:
+            env.update(bucket["host"])
+        for i, (s, attrs) in enumerate(zip(self.steps, self.attrs)):
+            if s["place"] == "host":
+                if not fresh:
+                    continue
+                outs = self.kernels[i]([env[n] if n else None for n in s["inputs"]], attrs)
+                for n, t in zip(s["outputs"], outs):
+                    if n:
+                        env[n] = bucket["host"][n] = t
+                continue
+            host_args = HOST_ARGS.get(s["op"], ()) if not s["domain"] else ()
+            ins = [None if not n else env[n] if j in host_args else self._device_input(env, n, bucket)
+                   for j, n in enumerate(s["inputs"])]
+            if i in self.cache_steps and cache is not None:
+                outs = self._static_attention(ins, attrs, cache, i)
+            else:
+                outs = self._device_step(s, ins, attrs, i)
+            # a device step's results live on the device, even where a kernel built a small host tensor
+            outs = [o.to(self.device) if o is not None and o.device != self.device else o for o in outs]
+            for n, t in zip(s["outputs"], outs):
+                if n:
+                    env[n] = t
+            for n in s["free"]:
+                env.pop(n, None)
+        if fresh:
+            self._buckets[key] = bucket
+        wanted = outputs or tuple(n for n in self.output_names if not (cache is not None and n.startswith("present_")))
+        return {n: env[n] for n in wanted}
+
+    def _device_input(self, env, name, bucket):
+        t = env[name]
+        if t.device != self.device:  # a host value a device step reads: uploaded once per bucket
+            if name not in self.host_names:
+                return t.to(self.device)
+            up = bucket["uploads"].get(name)
+            if up is None:
+                up = bucket["uploads"][name] = t.to(self.device)
+            return up
+        return t
+
+    def _device_step(self, s, ins, attrs, i):
+        if s["op"] == "Cast" and not s["domain"] and ins[0].is_floating_point() and \
+                DTYPES[attrs["to"]] == torch.float32 and ins[0].dtype == self.dtype:
+            return [ins[0]]  # float32 in the exported graph means "the model's float dtype"
+        floats = [t for t in ins if t is not None and t.is_floating_point()]
+        if self.dtype != torch.float32 and any(t.dtype == self.dtype for t in floats) \
+                and any(t.dtype == torch.float32 for t in floats) and s["op"] not in _KEEP_FLOAT32:
+            ins = [t.to(self.dtype) if t is not None and t.dtype == torch.float32 else t for t in ins]
+        return self.kernels[i](ins, attrs)
+
+    def _static_attention(self, ins, attrs, cache: StaticCache, i):
+        from mmc.plugins.attention import torch_dequantize_kv, torch_quantize_kv
+
+        q, k, v = ins[:3]
+        mask = ins[5] if len(ins) > 5 else None
+        kbuf, vbuf = cache.buffers[i]
+        kind = attrs.get("kv_cache")
+        if kind:
+            k, v = torch_quantize_kv(k, ins[6], kind), torch_quantize_kv(v, ins[7], kind)
+        kbuf.index_copy_(2, cache.pos, k.to(kbuf.dtype))  # this step's slot, in place
+        vbuf.index_copy_(2, cache.pos, v.to(vbuf.dtype))
+        kf, vf = kbuf, vbuf
+        if kind:
+            kf, vf = torch_dequantize_kv(kbuf, ins[6], q.dtype), torch_dequantize_kv(vbuf, ins[7], q.dtype)
+        return [attention(q, kf, vf, mask, attrs)]
+
+
+def _attention_step(ins, attrs):
+    """mmc.Attention with a growing cache (prefill, or decode without a static cache): the
+    reference's cache handling, the device's attention kernel."""
+    from mmc.plugins.attention import torch_dequantize_kv, torch_quantize_kv
+
+    q, k, v = ins[:3]
+    past_k, past_v, mask, k_scale, v_scale = (list(ins) + [None] * 8)[3:8]
+    kind = attrs.get("kv_cache")
+    if kind:
+        k, v = torch_quantize_kv(k, k_scale, kind), torch_quantize_kv(v, v_scale, kind)
+    if past_k is not None and past_k.shape[2]:
+        k, v = torch.cat([past_k.to(k.dtype), k], dim=2), torch.cat([past_v.to(v.dtype), v], dim=2)
+    present_k, present_v = k, v
+    if kind:
+        k, v = torch_dequantize_kv(k, k_scale, q.dtype), torch_dequantize_kv(v, v_scale, q.dtype)
+    return [attention(q, k, v, mask, attrs), present_k, present_v]
+
+
+_WIDE_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # not float8 codes
+# ops whose float32 inputs must not be narrowed
+_KEEP_FLOAT32 = {"DequantizeLinear", "QuantizeLinear", "Attention"}  # Attention: its kv scales; it casts its mask itself
+
+
+def attention(q, k, v, mask, attrs):
+    """The attention kernel for the device: torch's fused sdpa on CUDA, the reference elsewhere."""
+    from mmc.plugins.attention import torch_attend
+
+    if q.is_cuda:
+        import torch.nn.functional as F
+
+        m = mask
+        if m is not None and m.dtype != torch.bool:
+            m = m.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=attrs["scale"],
+                                           enable_gqa=attrs["num_heads"] != attrs["kv_heads"])
+        return torch.nan_to_num(y, nan=0.0) if attrs.get("nan_to_zero", 1) else y
+    return torch_attend(q, k, v, mask, attrs)

@@ -1,0 +1,49 @@
+"""The cuda target on a CUDA GPU (skipped without one; run by tools/gpu_check.sh on the GPU
+machine): greedy tokens identical to the ONNX Runtime target in fp32 with the decode step
+replayed from a CUDA graph, the graph replay equal to eager execution, and a bf16 engine."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_mmc
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu") / "tiny-cuda-fp32.mmc"
+    run_mmc("compile", tiny_dir, "--target", "cuda", "--precision", "fp32", "-o", out, "-q")
+    return out
+
+
+def test_gpu_fp32_greedy_tokens_identical_to_onnx_runtime(cuda_engine, engine_all, images):
+    from mmc.runtime import load
+
+    gpu, ort = load(cuda_engine, device="cuda", max_seq_len=256), load(engine_all, device="cpu")
+    assert gpu.cuda_graphs
+    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
+        assert gpu.generate(prompt, images=imgs, max_new_tokens=16).token_ids == \
+            ort.generate(prompt, images=imgs, max_new_tokens=16).token_ids
+    batch = ["Hi", "The quick brown fox jumps over"]
+    assert [r.token_ids for r in gpu.generate(batch, max_new_tokens=8)] == \
+        [r.token_ids for r in ort.generate(batch, max_new_tokens=8)]
+
+
+def test_cuda_graph_replay_equals_eager(cuda_engine, images):
+    from mmc.runtime import load
+
+    graphs = load(cuda_engine, device="cuda", max_seq_len=128)
+    eager = load(cuda_engine, device="cuda", max_seq_len=128, cuda_graphs=False)
+    for prompt in ("The quick brown", "Vision language models"):
+        assert graphs.generate(prompt, max_new_tokens=20).token_ids == eager.generate(prompt, max_new_tokens=20).token_ids
+
+
+def test_gpu_bf16_engine(tiny_dir, tmp_path, engine_all):
+    from mmc.runtime import load
+
+    out = tmp_path / "bf16.mmc"
+    run_mmc("compile", tiny_dir, "--target", "cuda", "-o", out, "-q")
+    text = load(out, device="cuda").generate("The quick brown", max_new_tokens=8).text
+    assert text == load(engine_all, device="cpu").generate("The quick brown", max_new_tokens=8).text

@@ -1,0 +1,95 @@
+"""The cuda target (mmc's own engine) on the CPU with the reference kernels: the plan compiler's
+output (placement, liveness, precision of weights), the engine format, and generation with the
+static KV cache against the ONNX Runtime target — greedy tokens identical in fp32, for text,
+an image and a left-padded batch. GPU runs (Triton kernels, CUDA graphs) are in tools/gpu_check.sh."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import run_mmc
+
+
+@pytest.fixture(scope="module")
+def cuda_fp32(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda") / "tiny-cuda-fp32.mmc"
+    run_mmc("compile", tiny_dir, "--target", "cuda", "--precision", "fp32", "-o", out, "-q")
+    return out
+
+
+def test_plan_placement_liveness_and_manifest(cuda_fp32):
+    man = json.loads((cuda_fp32 / "manifest.json").read_text())
+    assert man["target"] == "cuda" and man["target_info"] == {"runtime": "mmc-cuda", "precision": "fp32", "plan_format": 1}
+    dec = man["components"]["decoder"]
+    plan = json.loads((cuda_fp32 / dec["plan"]).read_text())
+    steps = plan["steps"]
+    assert dec["ops"]["mmc.Attention"] == 2 and dec["host_steps"] > 0
+    # Shape and what reads only shapes run on the host; everything reading data on the device
+    place = {i["name"]: "device" for i in plan["inputs"]} | {n: c["place"] for n, c in plan["constants"].items()}
+    for s in steps:
+        want = "host" if s["op"] == "Shape" or all(place[n] == "host" for n in s["inputs"] if n) else "device"
+        assert s["place"] == want, s["name"]
+        place.update({o: s["place"] for o in s["outputs"] if o})
+    assert all(s["place"] == "device" for s in steps if s["domain"] == "mmc" or s["op"] == "MatMul")
+    # liveness: a value is freed once, after its last reader, never a graph output
+    outputs = {o["name"] for o in plan["outputs"]}
+    freed = {}
+    for i, s in enumerate(steps):
+        for n in s["free"]:
+            assert n not in freed and n not in outputs
+            freed[n] = i
+    for i, s in enumerate(steps):
+        assert all(freed.get(n, len(steps)) >= i for n in s["inputs"] if n)
+    assert len(freed) > len(steps) // 2
+    # both cache attentions are static-cache candidates
+    assert [c["past"] for c in plan["caches"]] == [["past_key_0", "past_value_0"], ["past_key_1", "past_value_1"]]
+
+
+def test_greedy_tokens_identical_to_onnx_runtime(cuda_fp32, engine_all, images):
+    from mmc.runtime import load
+
+    cuda, ort = load(cuda_fp32, device="cpu", max_seq_len=256), load(engine_all, device="cpu")
+    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
+        a = cuda.generate(prompt, images=imgs, max_new_tokens=12)
+        b = ort.generate(prompt, images=imgs, max_new_tokens=12)
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 12
+    batch = ["Hi", "The quick brown fox jumps over"]  # left-padded
+    assert [r.token_ids for r in cuda.generate(batch, max_new_tokens=8)] == \
+        [r.token_ids for r in ort.generate(batch, max_new_tokens=8)]
+
+
+def test_max_seq_len_is_enforced(cuda_fp32):
+    from mmc.errors import MmcError
+    from mmc.runtime import load
+
+    eng = load(cuda_fp32, device="cpu", max_seq_len=12)
+    with pytest.raises(MmcError, match="max_seq_len 12"):
+        eng.generate("The quick brown fox jumps over the lazy dog", max_new_tokens=20)
+
+
+def test_bf16_engine_generates_the_trained_phrase(tiny_dir, tmp_path, engine_all):
+    out = tmp_path / "bf16.mmc"
+    run_mmc("compile", tiny_dir, "--target", "cuda", "-o", out, "-q")
+    man = json.loads((out / "manifest.json").read_text())
+    plan = json.loads((out / man["components"]["decoder"]["plan"]).read_text())
+    dtypes = {c["dtype"] for c in plan["constants"].values() if c["place"] == "device"}
+    assert "bfloat16" in dtypes  # GEMM and norm weights in the engine precision
+    proc = run_mmc("run", out, "--prompt", "The quick brown", "--max-new-tokens", "8", "--device", "cpu", "--json")
+    ref = run_mmc("run", engine_all, "--prompt", "The quick brown", "--max-new-tokens", "8", "--json")
+    assert json.loads(proc.stdout)["text"] == json.loads(ref.stdout)["text"]
+
+
+def test_runtime_loads_plans_without_the_compiler(cuda_fp32):
+    code = (
+        "import sys\n"
+        "from mmc.runtime import load\n"
+        f"e = load({str(cuda_fp32)!r}, device='cpu', max_seq_len=64)\n"
+        "assert e.generate('The quick brown', max_new_tokens=3).token_ids\n"
+        "bad = [m for m in sys.modules if m.split('.')[:2] in (['mmc', 'api'], ['mmc', 'plan'], ['mmc', 'passes'],"
+        " ['mmc', 'pass_manager'], ['mmc', 'lowering'])]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
