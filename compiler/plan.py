@@ -32,7 +32,6 @@ import onnx_graphsurgeon as gs
 from .errors import MmcError
 
 FORMAT = 1
-PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _attr(value):
@@ -58,10 +57,11 @@ def _dtype_name(t: gs.Tensor) -> str | None:
 
 
 def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tuple[dict, dict[str, np.ndarray]]:
-    """(plan, constants) for `graph` (mmc ops kept, not lowered). Constants are float32/int numpy
-    arrays named as in the plan; `weight_dtypes` in the plan says which are stored in the engine
-    precision."""
+    """(plan, constants) for `graph` (mmc ops kept, not lowered). Constants are the graph's numpy
+    arrays, named as in the plan; the plan's `constants[name]["dtype"]` is the type each is
+    stored in (float weights of activation steps: the engine precision)."""
     from mmc.plugins import DOMAIN, OPS
+    from mmc.runtime.cuda.executor import PRECISIONS
     from mmc.runtime.cuda.onnx_ops import OPS as ONNX_OPS
 
     if precision not in PRECISIONS:

@@ -44,8 +44,9 @@ def _skip_reason(node: gs.Node, inputs: set[int], outputs: set[int]) -> str | No
             return f"{p.name} is not a graph input"
         if p.dtype is None or np.dtype(p.dtype) != np.float32:
             return f"{p.name} is not float32"
-        if any(r is not node and r.op != "Shape" for r in p.outputs):
-            return f"{p.name} is read by {next(r.op for r in p.outputs if r is not node and r.op != 'Shape')}"
+        others = [r.op for r in p.outputs if r is not node and r.op != "Shape"]
+        if others:
+            return f"{p.name} is read by {others[0]}"
     for o in node.outputs[1:3]:
         if id(o) not in outputs or o.outputs:
             return f"{o.name} is not only a graph output"

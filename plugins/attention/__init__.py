@@ -69,19 +69,7 @@ class Attention(FusedOp):
 
     def torch_reference(self, inputs, attrs):
         """The cuda target's reference kernel (torch; scores and softmax in float32, as sdpa)."""
-        import torch
-
-        q, k, v = inputs[:3]
-        past_k, past_v, mask, k_scale, v_scale = (list(inputs) + [None] * 8)[3:8]
-        kind = attrs.get("kv_cache")
-        if kind:
-            k, v = torch_quantize_kv(k, k_scale, kind), torch_quantize_kv(v, v_scale, kind)
-        if past_k is not None:
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        present_k, present_v = k, v
-        if kind:
-            k, v = torch_dequantize_kv(k, k_scale, q.dtype), torch_dequantize_kv(v, v_scale, q.dtype)
-        return [torch_attend(q, k, v, mask, attrs), present_k, present_v]
+        return torch_cached_attention(inputs, attrs, torch_attend)
 
     def infer(self, node):
         q, k = node.inputs[0], node.inputs[1]
@@ -164,6 +152,24 @@ class Attention(FusedOp):
             scores = emit.op("Add", [scores, mask])[0]
         probs = emit.op("Softmax", [scores], 1, {"axis": -1})[0]
         emit.op("MatMul", [probs, full[1]], [outs[0]])
+
+
+def torch_cached_attention(inputs, attrs, attend):
+    """The op with a growing cache: this step's k/v (as codes with kv_cache) appended to the past,
+    then `attend(q, K, V, mask, attrs)` over the whole (dequantized) cache; -> [y, present_k, present_v]."""
+    import torch
+
+    q, k, v = inputs[:3]
+    past_k, past_v, mask, k_scale, v_scale = (list(inputs) + [None] * 8)[3:8]
+    kind = attrs.get("kv_cache")
+    if kind:
+        k, v = torch_quantize_kv(k, k_scale, kind), torch_quantize_kv(v, v_scale, kind)
+    if past_k is not None and past_k.shape[2]:
+        k, v = torch.cat([past_k.to(k.dtype), k], dim=2), torch.cat([past_v.to(v.dtype), v], dim=2)
+    present_k, present_v = k, v
+    if kind:
+        k, v = torch_dequantize_kv(k, k_scale, q.dtype), torch_dequantize_kv(v, v_scale, q.dtype)
+    return [attend(q, k, v, mask, attrs), present_k, present_v]
 
 
 def torch_attend(q, k, v, mask, attrs):

@@ -23,6 +23,7 @@ import torch
 
 from .onnx_ops import DTYPES, HOST_ARGS, OPS
 
+PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # engine precision -> dtype name
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8,
                 "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn, "float64": torch.float64}
@@ -51,7 +52,7 @@ class Executor:
         from mmc.plugins import OPS as MMC_OPS
 
         self.plan, self.device = plan, torch.device(device)
-        self.dtype = TORCH_DTYPES[{"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan["precision"]]]
+        self.dtype = TORCH_DTYPES[PRECISIONS[plan["precision"]]]
         self.steps = plan["steps"]
         self.attrs = [{k: _attr(v) for k, v in s["attrs"].items()} for s in self.steps]
         self.kernels = []
@@ -157,19 +158,9 @@ class Executor:
 def _attention_step(ins, attrs):
     """mmc.Attention with a growing cache (prefill, or decode without a static cache): the
     reference's cache handling, the device's attention kernel."""
-    from mmc.plugins.attention import torch_dequantize_kv, torch_quantize_kv
+    from mmc.plugins.attention import torch_cached_attention
 
-    q, k, v = ins[:3]
-    past_k, past_v, mask, k_scale, v_scale = (list(ins) + [None] * 8)[3:8]
-    kind = attrs.get("kv_cache")
-    if kind:
-        k, v = torch_quantize_kv(k, k_scale, kind), torch_quantize_kv(v, v_scale, kind)
-    if past_k is not None and past_k.shape[2]:
-        k, v = torch.cat([past_k.to(k.dtype), k], dim=2), torch.cat([past_v.to(v.dtype), v], dim=2)
-    present_k, present_v = k, v
-    if kind:
-        k, v = torch_dequantize_kv(k, k_scale, q.dtype), torch_dequantize_kv(v, v_scale, q.dtype)
-    return [attention(q, k, v, mask, attrs), present_k, present_v]
+    return torch_cached_attention(ins, attrs, attention)
 
 
 _WIDE_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # not float8 codes

@@ -175,7 +175,9 @@ def _gemm(ins, attrs):
     a, b = ins[0], ins[1]
     a = a.transpose(-1, -2) if attrs.get("transA", 0) else a
     b = b.transpose(-1, -2) if attrs.get("transB", 0) else b
-    y = torch.matmul(a, b) * attrs.get("alpha", 1.0) if attrs.get("alpha", 1.0) != 1.0 else torch.matmul(a, b)
+    y = torch.matmul(a, b)
+    if attrs.get("alpha", 1.0) != 1.0:
+        y = y * attrs["alpha"]
     if len(ins) > 2 and ins[2] is not None:
         y = y + ins[2] * attrs.get("beta", 1.0)
     return [y]
@@ -275,8 +277,8 @@ def _quantize(ins, attrs):
 
 def _bshape(scale, x, attrs):
     """A per-axis scale [C] reshaped to broadcast along `axis` of x (a scalar stays one)."""
-    if scale.dim() == 0 or scale.numel() == 1:
-        return [1] * 0 if scale.dim() == 0 else [1]
+    if scale.numel() == 1:
+        return list(scale.shape)
     axis = _axis(attrs.get("axis", 1), x.dim())
     return [scale.shape[0] if i == axis else 1 for i in range(x.dim())]
 
