@@ -125,6 +125,8 @@ def cmd_run(args) -> int:
     from mmc.runtime import load
 
     options = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
+    if args.kernels is not None:
+        options["kernels"] = args.kernels
     engine = load(args.engine, device=args.device, **options)
     kwargs = dict(images=args.image, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -229,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     r.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help="cuda engines: KV-cache slots per sequence, prompt included (default: 1024)")
+    r.add_argument("--kernels", default=None, choices=("auto", "triton", "torch"),
+                   help="cuda engines: the plugins' Triton kernels, or their torch references "
+                        "(default auto: Triton on a GPU, torch on the CPU)")
     r.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": "..."}')
     r.set_defaults(func=cmd_run)
     return p

@@ -24,8 +24,14 @@ DEFAULT_OPSET = 20
 
 def load_graph(path: str | Path) -> gs.Graph:
     """Load an ONNX file (external data next to it) as a gs Graph, with inferred dtypes/shapes
-    on every value (the TorchScript exporter leaves intermediate values untyped)."""
-    return import_model(onnx.load(str(path), load_external_data=True), symbolic=True)
+    on every value (the TorchScript exporter leaves intermediate values untyped). Shapes are
+    inferred before the weights are read in, so models over protobuf's 2 GB limit (the real-size
+    presets) infer too."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = _infer_shapes(onnx.load(str(path), load_external_data=False), symbolic=True)
+    load_external_data_for_model(model, str(Path(path).parent))
+    return gs.import_onnx(model)
 
 
 def import_model(model: onnx.ModelProto, symbolic: bool = False) -> gs.Graph:
@@ -36,13 +42,19 @@ def import_model(model: onnx.ModelProto, symbolic: bool = False) -> gs.Graph:
     a head count or head dim becomes a number, so fold-constants can fold the slices and
     reshapes built from it). It never merges unequal symbols (auto_merge off); if it cannot
     handle a graph, ONNX's inference stands."""
+    return gs.import_onnx(_infer_shapes(model, symbolic))
+
+
+def _infer_shapes(model: onnx.ModelProto, symbolic: bool) -> onnx.ModelProto:
+    from google.protobuf.message import EncodeError
+
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except (onnx.shape_inference.InferenceError, ValueError):
-        pass  # >2 GB or an op without inference: passes fall back to what the exporter recorded
+    except (onnx.shape_inference.InferenceError, ValueError, EncodeError):
+        pass  # >2 GB in memory or an op without inference: passes fall back to what the exporter recorded
     if symbolic:
         model = _symbolic_shapes(model) or model
-    return gs.import_onnx(model)
+    return model
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:

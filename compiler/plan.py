@@ -11,6 +11,9 @@
                                   CUDA graph captures
                   free:           values whose last reader is this step (liveness)
       constants name -> {dtype, shape, place}; the data is in the component's safetensors
+      rewrites  what compiler/plan_rewrites.py did: weight_only (GEMMs turned into
+                mmc.WeightOnlyMatMul), last_logits (the decoder returns logits [B, 1, V] for the
+                last position only)
       caches    per attention that reads its K/V cache from graph inputs and returns it as graph
                 outputs: {step, past: [k, v], present: [k, v]} (the runtime keeps those caches
                 static and the attention writes them in place)
@@ -57,7 +60,8 @@ def _dtype_name(t: gs.Tensor) -> str | None:
 
 
 def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tuple[dict, dict[str, np.ndarray]]:
-    """(plan, constants) for `graph` (mmc ops kept, not lowered). Constants are the graph's numpy
+    """(plan, constants) for `graph` (mmc ops kept, not lowered; the plan rewrites change the
+    graph in place first). Constants are the graph's numpy
     arrays, named as in the plan; the plan's `constants[name]["dtype"]` is the type each is
     stored in (float weights of activation steps: the engine precision)."""
     from mmc.plugins import DOMAIN, OPS
@@ -66,6 +70,9 @@ def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tupl
 
     if precision not in PRECISIONS:
         raise MmcError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
+    from .plan_rewrites import last_logits, weight_only
+
+    rewrites = {"weight_only": weight_only(graph), "last_logits": component == "decoder" and last_logits(graph)}
     graph.toposort()
     for node in graph.nodes:
         known = node.op in OPS if node.domain == DOMAIN else (not node.domain and node.op in ONNX_OPS)
@@ -81,7 +88,7 @@ def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tupl
             if isinstance(t, gs.Constant) and t.name not in constants:
                 arr = np.asarray(t.values)
                 constants[t.name] = arr
-                place[t.name] = "device" if arr.dtype.kind == "f" else "host"
+                place[t.name] = "device" if arr.dtype.kind == "f" else "host"  # (integers: revisited below)
     # activations: float values downstream of a float graph input
     act = {t.name for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind == "f"}
     steps = []
@@ -105,6 +112,9 @@ def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tupl
         for n in s["inputs"]:
             if n in constants:
                 readers.setdefault(n, []).append(s)
+    for name, rs in readers.items():  # integer data only device steps read (weight codes) lives on the device
+        if place[name] == "host" and all(s["place"] == "device" and not _host_arg(s, name) for s in rs):
+            place[name] = "device"
     weight_dtypes = {}
     for name, arr in constants.items():
         acts = all(any(i in act for i in s["inputs"] if i) for s in readers.get(name, []))
@@ -117,8 +127,17 @@ def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tupl
                       for n, a in constants.items()},
         "steps": steps,
         "caches": _caches(graph, steps),
+        "rewrites": rewrites,
     }
     return plan, constants
+
+
+def _host_arg(step: dict, name: str) -> bool:
+    """Whether a step reads `name` where its kernel wants a host value (a shape, axes, ...)."""
+    from mmc.runtime.cuda.onnx_ops import HOST_ARGS
+
+    want = HOST_ARGS.get(step["op"], ()) if not step["domain"] else ()
+    return any(j in want for j, n in enumerate(step["inputs"]) if n == name)
 
 
 def _dims(t: gs.Tensor) -> list | None:

@@ -5,7 +5,9 @@
 - `infer(node)`: output dtypes and shapes from the input values (ONNX shape inference for the
   ops ONNX does not know),
 - `lower_ort(emit, node, opset)`: the ONNX Runtime face, a com.microsoft contrib op or a
-  standard op where one matches, otherwise a decomposition into standard ops.
+  standard op where one matches, otherwise a decomposition into standard ops,
+- for the cuda target: `torch_reference(inputs, attrs)` (torch; the CPU path's kernel) and, for
+  most ops, `triton_kernel` (`<op>/kernels.py`, the GPU path), tested against the reference.
 
 `OPS` maps op type -> FusedOp; `mmc.lowering` rewrites a graph's mmc nodes for a target.
 """
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 from .attention import Attention
 from .base import DOMAIN, FusedOp
+from .linear import WeightOnlyMatMul
 from .norms import LayerNorm, RMSNorm, SkipLayerNorm, SkipRMSNorm
 from .rotary import RotaryEmbedding
 from .swiglu import SwiGLU
 
 OPS: dict[str, FusedOp] = {op.name: op for op in (
-    RMSNorm(), SkipRMSNorm(), LayerNorm(), SkipLayerNorm(), SwiGLU(), RotaryEmbedding(), Attention())}
+    RMSNorm(), SkipRMSNorm(), LayerNorm(), SkipLayerNorm(), SwiGLU(), RotaryEmbedding(), Attention(),
+    WeightOnlyMatMul())}
 
 
 def get(op_type: str) -> FusedOp:

@@ -25,6 +25,15 @@ class FusedOp:
     def lower_ort(self, emit: Emitter, node: gs.Node, opset: int) -> None:
         raise NotImplementedError
 
+    # The cuda target's faces (torch tensors in, list of tensors out): `torch_reference` is the
+    # kernel of the CPU path and the judge of `triton_kernel`, which returns None where it does
+    # not apply (the executor then runs the reference).
+    def torch_reference(self, inputs: list, attrs: dict) -> list:
+        raise NotImplementedError
+
+    def triton_kernel(self, inputs: list, attrs: dict) -> list | None:
+        return None
+
 
 def present(node: gs.Node, i: int) -> gs.Tensor | None:
     """The i-th input if given (ONNX marks an omitted optional input with an empty name)."""

@@ -170,10 +170,10 @@ class BaseEngine:
         _, embeds, positions, mask, next_pos = self._prepare_batch(prompts, images)
         eos = set(self.host.get("eos_token_ids") or [])
         pad = self.host.get("pad_token_id") or 0
-        logits, cache = self.prefill(embeds, positions, mask)
+        logits, cache = self._prefill_logits(embeds, positions, mask)
         done = np.zeros(len(prompts), dtype=bool)
         for step in range(max_new_tokens):
-            tokens = np.where(done, pad, select(logits, params, rng))
+            tokens = np.where(done, pad, self.select_tokens(logits, params, rng))
             yield tokens
             done |= np.isin(tokens, list(eos))
             if done.all() or step == max_new_tokens - 1:
@@ -181,8 +181,18 @@ class BaseEngine:
             mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
             pos = np.broadcast_to(next_pos[:, None], (len(prompts), 1))
             pos = np.broadcast_to(pos, (3, *pos.shape)).copy() if self.mrope else pos.copy()
-            logits, cache = self.decode_one_token(tokens, pos, mask, cache)
+            logits, cache = self._decode_logits(tokens, pos, mask, cache)
             next_pos += 1
+
+    # A target may keep logits on its device between these three (the cuda engine samples there).
+    def _prefill_logits(self, embeds, positions, mask):
+        return self.prefill(embeds, positions, mask)
+
+    def _decode_logits(self, tokens, positions, mask, cache):
+        return self.decode_one_token(tokens, positions, mask, cache)
+
+    def select_tokens(self, logits, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+        return select(logits, params, rng)
 
     def generate(self, prompt: str | list[str], images=None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,

@@ -1,7 +1,10 @@
 """The cuda target (mmc's own engine) on the CPU with the reference kernels: the plan compiler's
 output (placement, liveness, precision of weights), the engine format, and generation with the
 static KV cache against the ONNX Runtime target — greedy tokens identical in fp32, for text,
-an image and a left-padded batch. GPU runs (Triton kernels, CUDA graphs) are in tools/gpu_check.sh."""
+an image and a left-padded batch. The plugins' Triton kernels run here too, under Triton's
+interpreter (kernels="triton"), and must give the same tokens. Weight-only int8 / int4 engines
+run their GEMMs from the stored codes. GPU runs (compiled kernels, CUDA graphs) are in
+tests/test_cuda_gpu.py, run by tools/gpu_check.sh."""
 
 from __future__ import annotations
 
@@ -93,3 +96,56 @@ def test_runtime_loads_plans_without_the_compiler(cuda_fp32):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def _plan(engine, comp="decoder"):
+    man = json.loads((engine / "manifest.json").read_text())
+    return json.loads((engine / man["components"][comp]["plan"]).read_text())
+
+
+def test_prefill_projects_only_the_last_position(cuda_fp32):
+    plan = _plan(cuda_fp32)
+    assert plan["rewrites"]["last_logits"] is True
+    logits = next(o for o in plan["outputs"] if o["name"] == "logits")
+    assert logits["shape"][1] == 1  # [B, 1, V]
+    assert _plan(cuda_fp32, "vision")["rewrites"] == {"weight_only": 0, "last_logits": False}
+
+
+def test_triton_kernels_interpreted_match_onnx_runtime(cuda_fp32, engine_all, images):
+    """The same plan with every mmc op, the static-cache decode attention and the sampling on the
+    plugins' Triton kernels (interpreted on this CPU): the greedy tokens of the ORT target."""
+    pytest.importorskip("triton")
+    from mmc.runtime import load
+
+    tri, ort = load(cuda_fp32, device="cpu", max_seq_len=128, kernels="triton"), load(engine_all, device="cpu")
+    assert tri.decoder.triton
+    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["small"]])):
+        assert tri.generate(prompt, images=imgs, max_new_tokens=8).token_ids == \
+            ort.generate(prompt, images=imgs, max_new_tokens=8).token_ids
+    a = tri.generate("The quick brown", max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, seed=3)
+    b = tri.generate("The quick brown", max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, seed=3)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 6  # seeded: reproducible
+
+
+@pytest.mark.parametrize("mode", ["--int8", "--int4"])
+def test_weight_only_engines_run_from_codes(tiny_dir, tmp_path, mode):
+    """--int8 / --int4 cuda engines: every quantized GEMM becomes mmc.WeightOnlyMatMul on the
+    stored codes (no DequantizeLinear left), and greedy tokens equal the ORT engine of the same
+    quantization (MatMulNBits); the Triton kernel (interpreted) gives the torch path's tokens."""
+    from mmc.runtime import load
+
+    cuda, ort = tmp_path / "q.cuda.mmc", tmp_path / "q.ort.mmc"
+    run_mmc("compile", tiny_dir, mode, "--target", "cuda", "--precision", "fp32", "-o", cuda, "-q")
+    run_mmc("compile", tiny_dir, mode, "-o", ort, "-q")
+    plan = _plan(cuda)
+    ops = [s["op"] for s in plan["steps"]]
+    assert plan["rewrites"]["weight_only"] == ops.count("WeightOnlyMatMul") >= 4 and "DequantizeLinear" not in ops
+    woq = next(s for s in plan["steps"] if s["op"] == "WeightOnlyMatMul")
+    w = plan["constants"][woq["inputs"][1]]
+    assert w["place"] == "device" and w["dtype"] == ("int8" if mode == "--int8" else "uint8")
+    torch_path = load(cuda, device="cpu", max_seq_len=64, kernels="torch")
+    want = load(ort, device="cpu").generate("The quick brown", max_new_tokens=8).token_ids
+    assert torch_path.generate("The quick brown", max_new_tokens=8).token_ids == want
+    pytest.importorskip("triton")
+    tri = load(cuda, device="cpu", max_seq_len=64, kernels="triton")
+    assert tri.generate("The quick brown", max_new_tokens=8).token_ids == want

@@ -59,6 +59,11 @@ class RMSNorm(FusedOp):
     def torch_reference(self, inputs, attrs):
         return [_torch_rms(inputs[0], inputs[1], attrs["epsilon"])]
 
+    def triton_kernel(self, inputs, attrs):
+        from .kernels import rms_norm
+
+        return [rms_norm(inputs[0], inputs[1], attrs["epsilon"])[0]]
+
     def infer(self, node):
         return [(dtype_of(node.inputs[0]), shape_of(node.inputs[0]))]
 
@@ -92,6 +97,14 @@ class SkipRMSNorm(FusedOp):
         if len(inputs) > 3 and inputs[3] is not None:
             s = s + inputs[3]
         return [_torch_rms(s, inputs[2], attrs["epsilon"]), s]
+
+    def triton_kernel(self, inputs, attrs):
+        from .kernels import rms_norm
+
+        x, skip, w = inputs[:3]
+        if skip.shape != x.shape:
+            return None
+        return list(rms_norm(x, w, attrs["epsilon"], skip, inputs[3] if len(inputs) > 3 else None))
 
     def infer(self, node):
         t = (dtype_of(node.inputs[0]), shape_of(node.inputs[0]))

@@ -25,7 +25,8 @@ from mmc.errors import MmcError, first_line
 
 from .. import engine_format as fmt
 from ..engine import BaseEngine
-from .executor import TORCH_DTYPES, Executor, StaticCache
+from ..sampling import SamplingParams, select
+from .executor import KERNELS, TORCH_DTYPES, Executor, StaticCache
 
 DEFAULT_MAX_SEQ_LEN = 1024
 
@@ -42,7 +43,7 @@ def _device(device: str) -> torch.device:
     raise MmcError(f"unknown device {device!r} (auto, cpu, cuda)")
 
 
-def load_component(root: Path, name: str, spec: dict, device: torch.device) -> Executor:
+def load_component(root: Path, name: str, spec: dict, device: torch.device, kernels: str = "auto") -> Executor:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -56,22 +57,24 @@ def load_component(root: Path, name: str, spec: dict, device: torch.device) -> E
     missing = sorted(set(plan["constants"]) - set(weights))
     if missing:
         raise fmt.EngineError(f"engine {root} is corrupt: {name!r} weights lack {missing[:3]}")
-    return Executor(plan, weights, device)
+    return Executor(plan, weights, device, kernels)
 
 
 class CudaEngine(BaseEngine):
     target = "cuda"
 
     def __init__(self, path: str | Path, device: str = "auto", verify: bool = True,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, cuda_graphs: bool = True):
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, cuda_graphs: bool = True, kernels: str = "auto"):
         super().__init__(path, verify)
         self.device = _device(device)
+        if kernels not in KERNELS:
+            raise MmcError(f"unknown kernels {kernels!r} (one of {', '.join(KERNELS)})")
         if max_seq_len < 2:
             raise MmcError(f"max_seq_len must be >= 2 (got {max_seq_len})")
         self.max_seq_len = max_seq_len
         comps = self.manifest["components"]
-        self.vision = load_component(self.root, "vision", comps["vision"], self.device) if "vision" in comps else None
-        self.decoder = load_component(self.root, "decoder", comps["decoder"], self.device)
+        self.vision = load_component(self.root, "vision", comps["vision"], self.device, kernels) if "vision" in comps else None
+        self.decoder = load_component(self.root, "decoder", comps["decoder"], self.device, kernels)
         self.dtype = self.decoder.dtype
         self.embed_device = torch.from_numpy(self.embed_tokens).to(self.device, self.dtype)  # [V, H]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -87,7 +90,29 @@ class CudaEngine(BaseEngine):
         return out.float().cpu().numpy()  # [N/4, H]
 
     def prefill(self, embeds, positions, mask):
-        # embeds [B, S, H]; positions [3, B, S] / [B, S]; mask [B, S] -> last logits [B, V], cache state
+        logits, state = self._prefill_logits(embeds, positions, mask)
+        return logits.float().cpu().numpy(), state
+
+    def decode_one_token(self, token_ids, positions, mask, state):
+        logits, state = self._decode_logits(token_ids, positions, mask, state)
+        return logits.float().cpu().numpy(), state
+
+    def select_tokens(self, logits, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+        """Greedy: argmax on the device. Sampling: the Triton kernel (no vocabulary sort) with
+        uniforms from a torch generator seeded by `rng`; the numpy reference without triton."""
+        if not params.do_sample:
+            return logits.argmax(-1).cpu().numpy()
+        if self.decoder.triton:
+            from mmc.plugins.sampling.kernels import sample
+
+            gen = torch.Generator(device=logits.device).manual_seed(int(rng.integers(2**62)))
+            u = torch.rand(logits.shape, generator=gen, device=logits.device, dtype=torch.float32)
+            u.clamp_(min=torch.finfo(torch.float32).tiny)  # log(0) never
+            return sample(logits, u, params.temperature, params.top_k, params.top_p).cpu().numpy()
+        return select(logits.float().cpu().numpy(), params, rng)
+
+    def _prefill_logits(self, embeds, positions, mask):
+        # embeds [B, S, H]; positions [3, B, S] / [B, S]; mask [B, S] -> last logits [B, V] (device), cache state
         b, s = mask.shape
         if s >= self.max_seq_len:
             raise MmcError(f"the prompt has {s} tokens; this engine was loaded with max_seq_len {self.max_seq_len}")
@@ -104,9 +129,9 @@ class CudaEngine(BaseEngine):
                 kbuf, vbuf = step.cache.buffers[i]
                 kbuf[:, :, :s].copy_(out[c["present"][0]])
                 vbuf[:, :, :s].copy_(out[c["present"][1]])
-        return out["logits"][:, -1].float().cpu().numpy(), {"batch": b}
+        return out["logits"][:, -1], {"batch": b}
 
-    def decode_one_token(self, token_ids, positions, mask, state):
+    def _decode_logits(self, token_ids, positions, mask, state):
         # token_ids [B]; positions [3, B, 1] / [B, 1]; mask [B, P+1] -> logits [B, V]
         total = mask.shape[1]
         if total > self.max_seq_len:
@@ -115,7 +140,7 @@ class CudaEngine(BaseEngine):
         step = self._decode_step(state["batch"])
         with torch.inference_mode():
             logits = step(token_ids, positions, mask)
-        return logits.float().cpu().numpy(), state
+        return logits, state
 
     def _decode_step(self, batch: int) -> _DecodeStep:
         if batch not in self._decode:

@@ -10,6 +10,11 @@ Host steps (shape arithmetic) depend on input shapes only: their values, and the
 of host values that device steps read, are kept per input-shape bucket, so a later run of the
 same bucket — and a CUDA graph capture of it — executes device steps alone.
 
+kernels: "triton" runs the plugins' Triton kernels (plugins/<op>/kernels.py) for mmc ops, the
+static-cache decode attention (write_kv + split-KV decode_attention) and weight-only GEMMs;
+"torch" runs their torch references (sdpa for attention on CUDA); "auto" (default) is triton
+on CUDA when triton is installed, torch elsewhere. Standard ONNX ops are torch ops (cuBLAS GEMMs).
+
 dtypes: float graph inputs become the engine precision; a device step that mixes engine-precision
 and float32 inputs computes in the engine precision (float32 tables are cast, as transformers
 casts cos/sin to the activation dtype); Cast to float keeps an activation in the engine precision.
@@ -47,22 +52,35 @@ def _attr(v):
     return v
 
 
+KERNELS = ("auto", "triton", "torch")
+
+
+def use_triton(kernels: str, device: torch.device) -> bool:
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r} (one of {', '.join(KERNELS)})")
+    if kernels == "torch":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if kernels == "triton":
+            raise
+        return False
+    return kernels == "triton" or device.type == "cuda"
+
+
 class Executor:
-    def __init__(self, plan: dict, constants: dict[str, torch.Tensor], device: str | torch.device):
+    def __init__(self, plan: dict, constants: dict[str, torch.Tensor], device: str | torch.device,
+                 kernels: str = "auto"):
         from mmc.plugins import OPS as MMC_OPS
 
         self.plan, self.device = plan, torch.device(device)
         self.dtype = TORCH_DTYPES[PRECISIONS[plan["precision"]]]
+        self.triton = use_triton(kernels, self.device)
         self.steps = plan["steps"]
         self.attrs = [{k: _attr(v) for k, v in s["attrs"].items()} for s in self.steps]
-        self.kernels = []
-        for s in self.steps:
-            if s["domain"] == "mmc":
-                op = MMC_OPS[s["op"]]
-                self.kernels.append(_attention_step if s["op"] == "Attention"
-                                    else (lambda ins, attrs, op=op: op.torch_reference(ins, attrs)))
-            else:
-                self.kernels.append(OPS[s["op"]])
+        self.kernels = [_mmc_kernel(MMC_OPS[s["op"]], self.triton) if s["domain"] == "mmc" else OPS[s["op"]]
+                        for s in self.steps]
         self.constants = {}
         for name, spec in plan["constants"].items():
             t = constants[name]
@@ -147,6 +165,12 @@ class Executor:
         kind = attrs.get("kv_cache")
         if kind:
             k, v = torch_quantize_kv(k, ins[6], kind), torch_quantize_kv(v, ins[7], kind)
+        if self.triton:
+            from mmc.plugins.attention.kernels import decode_attention, write_kv
+
+            write_kv(_rows(k.to(kbuf.dtype)), _rows(v.to(vbuf.dtype)), kbuf, vbuf, cache.pos)
+            return [decode_attention(_rows(q), kbuf, vbuf, mask, cache.pos, attrs["scale"],
+                                     *((ins[6], ins[7]) if kind else ()))]
         kbuf.index_copy_(2, cache.pos, k.to(kbuf.dtype))  # this step's slot, in place
         vbuf.index_copy_(2, cache.pos, v.to(vbuf.dtype))
         kf, vf = kbuf, vbuf
@@ -155,12 +179,25 @@ class Executor:
         return [attention(q, kf, vf, mask, attrs)]
 
 
-def _attention_step(ins, attrs):
-    """mmc.Attention with a growing cache (prefill, or decode without a static cache): the
-    reference's cache handling, the device's attention kernel."""
-    from mmc.plugins.attention import torch_cached_attention
+def _mmc_kernel(op, triton: bool):
+    """An mmc op's kernel: its Triton kernel where one applies, else the torch path (Attention:
+    the reference's cache handling around the device's attention, sdpa on CUDA)."""
+    def run(ins, attrs):
+        if triton:
+            out = op.triton_kernel(ins, attrs)
+            if out is not None:
+                return out
+        if op.name == "Attention":
+            from mmc.plugins.attention import torch_cached_attention
 
-    return torch_cached_attention(ins, attrs, attention)
+            return torch_cached_attention(ins, attrs, attention)
+        return op.torch_reference(ins, attrs)
+    return run
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index the last axis with stride 1."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 _WIDE_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # not float8 codes

@@ -1,0 +1,82 @@
+"""The cuda target's rewrites of an optimized graph just before it becomes a plan (compiler/plan.py).
+
+They are lowering, not passes: they pick the cuda target's kernels and storage, and the ORT
+target never sees them.
+
+    weight-only     y = MatMul(x, DequantizeLinear(@codes int8 [K, N], @s [N], axis=1))
+                    y = MatMul(x, DequantizeLinear(@codes int4 [K, N], @s [K/g, N], axis=0, block_size=g))
+                      ->  y = mmc.WeightOnlyMatMul(x, @w, @s')   (plugins/linear: codes stored
+                    [N, K] int8, or [N, K/2] packed int4, scales [N] / [N, K/g]); the float
+                    weight is never materialized. fp8 weights and DQs with a zero point stay as
+                    they are (DequantizeLinear then MatMul).
+    last-logits     logits = MatMul(h, @W)  ->  logits = MatMul(h[:, -1:], @W)
+                    the decoder's runtime reads only the last position's logits, so prefill
+                    computes the vocabulary projection for one position instead of S
+                    (151,936 × hidden MACs per position for Qwen2.5-VL).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from mmc.quantization import weight_dq
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def weight_only(graph: gs.Graph) -> int:
+    """Rewrite int8 / int4 weight DequantizeLinear -> MatMul pairs; returns the count."""
+    from mmc.plugins.linear import pack_int4
+
+    hits = 0
+    for node in list(graph.nodes):
+        dq = weight_dq(node)
+        if dq is None or len(dq.inputs) > 2 and _nonzero(dq.inputs[2]):
+            continue
+        codes = np.asarray(dq.inputs[0].values)
+        scale = np.asarray(dq.inputs[1].values).astype(np.float32)
+        k = codes.shape[0]
+        bits = 4 if dq.attrs.get("block_size") else 8 if codes.dtype == np.int8 else 0
+        if bits == 0 or codes.ndim != 2 or (bits == 4 and k % 2):
+            continue  # fp8 (or anything else): DequantizeLinear stays
+        if bits == 8:
+            w, s, attrs = np.ascontiguousarray(codes.T), scale, {"bits": 8, "k": k}
+        else:
+            w = pack_int4(np.ascontiguousarray(codes.T.astype(np.int8)))
+            s, attrs = np.ascontiguousarray(scale.T), {"bits": 4, "group_size": int(dq.attrs["block_size"]), "k": k}
+        base = dq.inputs[0].name
+        fused = gs.Node("WeightOnlyMatMul", f"{node.name}_woq", attrs,
+                        [node.inputs[0], gs.Constant(f"{base}_nk", w), gs.Constant(f"{base}_scale_nk", s)],
+                        list(node.outputs), domain="mmc")
+        node.outputs.clear()
+        graph.nodes.append(fused)
+        hits += 1
+    if hits:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return hits
+
+
+def _nonzero(zp) -> bool:
+    return not isinstance(zp, gs.Constant) or bool(np.any(np.asarray(zp.values).astype(np.float64) != 0))
+
+
+def last_logits(graph: gs.Graph, output: str = "logits") -> bool:
+    """Slice the vocabulary projection's input to the last position; False if the graph does
+    not end in one (a MatMul / WeightOnlyMatMul of a [B, S, H] activation into `output`)."""
+    out = next((t for t in graph.outputs if t.name == output), None)
+    if out is None or len(out.inputs) != 1:
+        return False
+    proj = out.inputs[0]
+    h = proj.inputs[0] if proj.inputs else None
+    if proj.op not in ("MatMul", "WeightOnlyMatMul") or h is None or h.shape is None or len(h.shape) != 3:
+        return False
+    last = gs.Variable(f"{h.name}_last", dtype=h.dtype, shape=[h.shape[0], 1, h.shape[2]])
+    consts = [gs.Constant(f"{h.name}_last_{n}", np.array([v], dtype=np.int64))
+              for n, v in (("start", -1), ("end", INT64_MAX), ("axis", 1))]
+    graph.nodes.append(gs.Node("Slice", f"{h.name}_last_slice", inputs=[h, *consts], outputs=[last]))
+    proj.inputs[0] = last
+    if out.shape is not None and len(out.shape) == 3:
+        out.shape = [out.shape[0], 1, out.shape[2]]
+    graph.toposort()
+    return True

@@ -1,0 +1,87 @@
+"""Weight-only quantized GEMM: y = x @ Ŵ with Ŵ = codes · scale, read from int8 or packed int4.
+
+    inputs:  x [..., K] (activation dtype)
+             w  int8 [N, K] (bits 8: one code per byte, each output channel's K codes contiguous)
+                or uint8 [N, K/2] (bits 4: byte j of row n holds k = j in its low nibble and
+                k = j + K/2 in its high nibble, two's-complement codes in [-8, 7])
+             scale float32 [N] (bits 8: per output channel) or [N, ceil(K/g)] (bits 4: per group
+                   of g input channels)
+    outputs: y [..., N] (dtype of x)
+    attrs:   bits (8 | 4), group_size g (bits 4), k K
+
+    Ŵ[k, n] = code[n, k] · scale[n]            (bits 8)
+    Ŵ[k, n] = code[n, k] · scale[n, k // g]    (bits 4)
+
+Not produced by a pass: the cuda target's plan compiler (compiler/plan.py) turns the
+`DequantizeLinear(int8/int4 codes) -> MatMul` that quantize-weights writes into this op, stored
+in the layout above (the Triton kernel in kernels.py streams each output channel's codes
+contiguously). The ORT face (the op appears only in cuda plans, but every op has one) multiplies
+by the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..base import Emitter, FusedOp, dtype_of, shape_of
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Signed 4-bit codes [N, K] (K even) -> uint8 [N, K/2]: low nibble k = j, high nibble k = j + K/2."""
+    half = codes.shape[1] // 2
+    lo, hi = codes[:, :half].astype(np.uint8) & 0xF, codes[:, half:].astype(np.uint8) & 0xF
+    return (lo | (hi << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [N, K/2] -> int8 codes [N, K] (the inverse of pack_int4)."""
+    b = packed.astype(np.int16)
+    lo, hi = b & 0xF, b >> 4
+    signed = lambda v: np.where(v >= 8, v - 16, v).astype(np.int8)  # noqa: E731
+    return np.concatenate([signed(lo), signed(hi)], axis=1)
+
+
+def dequantized(w: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarray:
+    """Ŵ [K, N] float64 from the op's stored weight."""
+    if attrs["bits"] == 8:
+        return (w.astype(np.float64) * scale.astype(np.float64)[:, None]).T
+    codes = unpack_int4(w).astype(np.float64)
+    s = np.repeat(scale.astype(np.float64), attrs["group_size"], axis=1)[:, : codes.shape[1]]
+    return (codes * s).T
+
+
+class WeightOnlyMatMul(FusedOp):
+    __doc__ = __doc__
+    name = "WeightOnlyMatMul"
+
+    def reference(self, inputs, attrs):
+        x, w, scale = inputs
+        return [(x.astype(np.float64) @ dequantized(w, scale, attrs)).astype(x.dtype)]
+
+    def torch_reference(self, inputs, attrs):
+        """Dequantize to x's dtype, then one matmul (what the DequantizeLinear -> MatMul pair computes)."""
+        import torch
+
+        x, w, scale = inputs
+        if attrs["bits"] == 8:
+            wf = w.to(torch.float32) * scale.float()[:, None]                    # [N, K]
+        else:
+            b = w.to(torch.int16)
+            lo, hi = b & 0xF, b >> 4
+            codes = torch.cat([lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)], dim=1).float()
+            wf = codes * scale.float().repeat_interleave(attrs["group_size"], dim=1)[:, : codes.shape[1]]
+        return [x @ wf.to(x.dtype).T]
+
+    def triton_kernel(self, inputs, attrs):
+        from .kernels import weight_only_matmul
+
+        return [weight_only_matmul(inputs[0], inputs[1], inputs[2], attrs["bits"], attrs.get("group_size", 0))]
+
+    def infer(self, node):
+        xs, ws = shape_of(node.inputs[0]), shape_of(node.inputs[1])
+        return [(dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])]
+
+    def lower_ort(self, emit: Emitter, node, opset):
+        x, w, scale = node.inputs
+        wf = dequantized(np.asarray(w.values), np.asarray(scale.values), node.attrs).astype(np.float32)
+        emit.op("MatMul", [x, emit.const(wf, np.float32)], [node.outputs[0]])

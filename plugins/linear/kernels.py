@@ -1,0 +1,101 @@
+"""Triton kernel for WeightOnlyMatMul (plugins/linear): int8 / packed-int4 weights, activations in
+bf16/fp16/fp32, float32 accumulation.
+
+Decode (M ≤ 16 rows) is memory-bound: the kernel streams each output channel's codes once,
+converts them in registers and multiplies on the tensor cores (tl.dot, M padded to 16). Few
+output columns would leave SMs idle, so K is split across programs (split-K) until there are
+about two programs per SM; float32 partials [splits, M, N] are summed after. Prefill (M > 16)
+uses larger M tiles and no split.
+
+    bits 8:  acc = x[:, k-tile] · codes[n-tile, k-tile]ᵀ;  y = acc · scale[n]
+    bits 4:  byte j holds k = j (low nibble) and k = j + K/2 (high nibble), so each tile of
+             bytes is two dots: x[:, j] · Ŵ_lo[n, j]ᵀ + x[:, j + K/2] · Ŵ_hi[n, j]ᵀ, with
+             Ŵ = code · scale[n, k // g] formed in float32 and rounded to x's dtype
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_util import dot
+
+SMS_TARGET = 264  # ~2 programs per SM on an H100 (132 SMs)
+
+
+@triton.jit
+def _signed4(v):
+    return (v - 16 * (v >= 8).to(tl.int32)).to(tl.float32)
+
+
+@triton.jit
+def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, sxm, n_groups, group, k_per_split,
+                BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    split = tl.program_id(2)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm[:, None] < M
+    nm = rn[:, None] < N
+    xrow = x_ptr + rm[:, None].to(tl.int64) * sxm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k = split * k_per_split
+    if BITS == 8:
+        end = tl.minimum(k + k_per_split, K)
+        wrow = w_ptr + rn[:, None].to(tl.int64) * K
+        while k < end:
+            rk = k + tl.arange(0, BLOCK_K)
+            km = rk[None, :] < end
+            x = tl.load(xrow + rk[None, :], mask=mm & km, other=0.0)
+            w = tl.load(wrow + rk[None, :], mask=nm & km, other=0)
+            acc += dot(x, tl.trans(w.to(tl.float32).to(x.dtype)))
+            k += BLOCK_K
+        acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    else:
+        half = K // 2
+        end = tl.minimum(k + k_per_split, half)
+        wrow = w_ptr + rn[:, None].to(tl.int64) * half
+        srow = s_ptr + rn[:, None].to(tl.int64) * n_groups
+        while k < end:
+            rj = k + tl.arange(0, BLOCK_K)
+            jm = rj[None, :] < end
+            b = tl.load(wrow + rj[None, :], mask=nm & jm, other=0).to(tl.int32)
+            s_lo = tl.load(srow + rj[None, :] // group, mask=nm & jm, other=0.0)
+            s_hi = tl.load(srow + (rj[None, :] + half) // group, mask=nm & jm, other=0.0)
+            x_lo = tl.load(xrow + rj[None, :], mask=mm & jm, other=0.0)
+            x_hi = tl.load(xrow + half + rj[None, :], mask=mm & jm, other=0.0)
+            w_lo = (_signed4(b & 0xF) * s_lo).to(x_lo.dtype)
+            w_hi = (_signed4(b >> 4) * s_hi).to(x_lo.dtype)
+            acc += dot(x_lo, tl.trans(w_lo)) + dot(x_hi, tl.trans(w_hi))
+            k += BLOCK_K
+    out = out_ptr + (split * M + rm[:, None].to(tl.int64)) * N + rn[None, :]
+    tl.store(out, acc, mask=mm & (rn[None, :] < N))
+
+
+def config(m: int, n: int, k_loop: int) -> dict:
+    """Tile sizes and split-K for M rows, N outputs and k_loop positions to walk (K, or K/2 for int4)."""
+    if m > 16:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "splits": 1, "num_warps": 4}
+    block_n, block_k = 32, 128
+    tiles = triton.cdiv(n, block_n)
+    splits = max(1, min(triton.cdiv(SMS_TARGET, tiles), k_loop // (4 * block_k)))
+    return {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "splits": splits, "num_warps": 4}
+
+
+def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
+    """x [..., K] @ Ŵ -> [..., N]; w int8 [N, K] or packed uint8 [N, K/2] (see plugins/linear)."""
+    n = w.shape[0]
+    k = w.shape[1] * (2 if bits == 4 else 1)
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    k_loop = k if bits == 8 else k // 2
+    cfg = config(m, n, k_loop)
+    splits = cfg.pop("splits")
+    k_per_split = triton.cdiv(triton.cdiv(k_loop, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    splits = triton.cdiv(k_loop, k_per_split)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), splits)
+    _woq_kernel[grid](x2, w, scale, part, m, n, k, x2.stride(0), scale.shape[1] if scale.dim() == 2 else 1,
+                      max(group, 1), k_per_split, BITS=bits, **cfg)
+    y = part[0] if splits == 1 else part.sum(0)
+    return y.to(x.dtype).view(*x.shape[:-1], n)

@@ -1,0 +1,36 @@
+"""What the plugins' Triton kernels share.
+
+The kernels run on a CUDA GPU, and on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`,
+set before triton is imported), which is how CI tests their logic without a GPU. Triton is
+imported only when a kernel is used: the CPU runtime and the compiler do not need it.
+
+- `INTERPRET`: true under the interpreter; `dot` works around its one known defect here (triton
+  3.6 computes bf16 `tl.dot` wrongly when interpreted; fp32 products of bf16 values are exact).
+- `use_triton(t)`: whether a tensor should go to a Triton kernel: on CUDA, or on the CPU when
+  interpreting (tests).
+- `launch_grid`, `next_pow2`: small launch helpers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def dot(a, b):
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+def use_triton(t) -> bool:
+    return t.is_cuda or bool(INTERPRET)
+
+
+def next_pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(int(n)))

@@ -1,0 +1,242 @@
+"""The plugins' Triton kernels against their torch references, on fresh random inputs.
+
+On the CPU these run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when
+there is no GPU), so CI checks the kernels' logic; on the GPU machine the same tests run the
+compiled kernels. Bounds are per dtype (relative to the output's scale); NaN never passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}  # max error / max |reference|
+
+
+def close(got, want, dtype, tol=None):
+    got, want = got.float().cpu(), want.float().cpu()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert torch.isfinite(got).all(), "non-finite output"
+    err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-6)
+    assert err <= (tol or TOL[dtype]), f"relative error {err:.2e} > {tol or TOL[dtype]:.0e} ({dtype})"
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=GEN) * scale).to(dtype).to(DEV)
+
+
+GEN = torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("skip,bias", [(False, False), (True, False), (True, True)])
+def test_rms_norm(dtype, skip, bias):
+    from mmc.plugins import OPS
+    from mmc.plugins.norms.kernels import rms_norm
+
+    x, w = rand(3, 5, 96, dtype=dtype), rand(96, dtype=dtype)
+    s, b = (rand(3, 5, 96, dtype=dtype) if skip else None), (rand(96, dtype=dtype) if bias else None)
+    y, total = rms_norm(x, w, 1e-6, s, b)
+    if skip:
+        want = OPS["SkipRMSNorm"].torch_reference([x, s, w] + ([b] if bias else []), {"epsilon": 1e-6})
+        close(total, want[1], dtype, 1e-6 if dtype == torch.float32 else TOL[dtype])
+    else:
+        want = OPS["RMSNorm"].torch_reference([x, w], {"epsilon": 1e-6})
+        assert total is None
+    close(y, want[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_swiglu(dtype, activation, packed):
+    from mmc.plugins import OPS
+    from mmc.plugins.swiglu.kernels import swiglu
+
+    ref = OPS["SwiGLU"]
+    if packed:
+        gu = rand(2, 7, 2 * 80, dtype=dtype, scale=2.0)
+        got, want = swiglu(gu, None, activation), ref.torch_reference([gu], {"activation": activation})[0]
+    else:
+        g, u = rand(2, 7, 80, dtype=dtype, scale=2.0), rand(2, 7, 80, dtype=dtype)
+        got, want = swiglu(g, u, activation), ref.torch_reference([g, u], {"activation": activation})[0]
+    close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,rotary_dim", [("bnsd", 0), ("bnsd", 32), ("snd", 0)])
+def test_rotary(dtype, layout, rotary_dim):
+    from mmc.plugins import OPS
+    from mmc.plugins.rotary.kernels import rotary
+
+    d = 64
+    r = rotary_dim or d
+    if layout == "bnsd":  # q arrives as a transposed view [B, S, N, D] -> [B, N, S, D]
+        x = rand(2, 5, 6, d, dtype=dtype).transpose(1, 2)
+        ang = torch.rand(2, 5, r // 2, generator=GEN) * 6
+    else:
+        x = rand(9, 4, d, dtype=dtype)
+        ang = torch.rand(9, r // 2, generator=GEN) * 6
+    cos, sin = (torch.cat([f(ang), f(ang)], -1).to(DEV) for f in (torch.cos, torch.sin))
+    attrs = {"rotary_dim": rotary_dim, "layout": layout}
+    got = rotary(x, cos, sin, rotary_dim, layout)
+    close(got, OPS["RotaryEmbedding"].torch_reference([x, cos, sin], attrs)[0], dtype)
+
+
+def _attend(q, k, v, mask, heads, kv_heads, scale):
+    from mmc.plugins.attention import torch_attend
+
+    return torch_attend(q, k, v, mask, {"num_heads": heads, "kv_heads": kv_heads, "scale": scale})
+
+
+def _causal(b, s, t, pad=0):
+    """Additive causal mask [B, 1, S, T] with the first `pad` keys of row 0 padding (finite min)."""
+    allowed = torch.ones(s, t, dtype=torch.bool).tril(t - s)[None, None].repeat(b, 1, 1, 1)
+    allowed[0, :, :, :pad] = False
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 64), (8, 1, 32), (3, 3, 80)])
+def test_flash_attention_causal_gqa(dtype, heads, kv_heads, d):
+    from mmc.plugins.attention.kernels import flash_attention
+
+    b, s = 2, 37
+    q, k, v = rand(b, heads, s, d, dtype=dtype), rand(b, kv_heads, s, d, dtype=dtype), rand(b, kv_heads, s, d, dtype=dtype)
+    mask = _causal(b, s, s, pad=5)  # rows 0..4 of batch 0 are fully masked (finite: uniform softmax)
+    scale = 1 / math.sqrt(d)
+    close(flash_attention(q, k, v, mask, scale), _attend(q, k, v, mask, heads, kv_heads, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attention_block_diagonal_bool_and_past(dtype):
+    """Vision windows: a bool block-diagonal mask; and a query block against a longer key range."""
+    from mmc.plugins.attention.kernels import flash_attention
+
+    s, heads, d = 50, 2, 80
+    seg = torch.tensor([0] * 16 + [1] * 20 + [2] * 14)
+    mask = (seg[:, None] == seg[None, :])[None, None].to(DEV)
+    q, k, v = rand(1, heads, s, d, dtype=dtype), rand(1, heads, s, d, dtype=dtype), rand(1, heads, s, d, dtype=dtype)
+    close(flash_attention(q, k, v, mask, 0.1), _attend(q, k, v, mask, heads, heads, 0.1), dtype)
+    q2 = rand(1, heads, 7, d, dtype=dtype)
+    none = flash_attention(q2, k, v, None, 0.1)
+    close(none, _attend(q2, k, v, None, heads, heads, 0.1), dtype)
+    fully = torch.zeros(1, 1, 7, s, dtype=torch.bool, device=DEV)  # every key masked with -inf: 0, not NaN
+    assert flash_attention(q2, k, v, fully, 0.1).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,t,pos", [(4, 2, 96, 70), (7, 1, 256, 255), (2, 2, 40, 0)])
+def test_decode_attention_static_cache(dtype, heads, kv_heads, t, pos):
+    from mmc.plugins.attention.kernels import decode_attention, write_kv
+
+    b, d = 2, 64
+    kbuf, vbuf = rand(b, kv_heads, t, d, dtype=dtype), rand(b, kv_heads, t, d, dtype=dtype)
+    kbuf[:, :, pos + 1:] = float("nan")  # unwritten slots must never be read
+    vbuf[:, :, pos + 1:] = float("nan")
+    q, k, v = rand(b, heads, 1, d, dtype=dtype), rand(b, kv_heads, 1, d, dtype=dtype), rand(b, kv_heads, 1, d, dtype=dtype)
+    p = torch.tensor([pos], device=DEV)
+    write_kv(k, v, kbuf, vbuf, p)
+    assert torch.equal(kbuf[:, :, pos:pos + 1], k) and torch.equal(vbuf[:, :, pos:pos + 1], v)
+    mask = torch.zeros(b, 1, 1, t, device=DEV)
+    mask[:, :, :, pos + 1:] = torch.finfo(torch.float32).min
+    mask[1, :, :, :min(3, pos)] = torch.finfo(torch.float32).min  # row 1 left-padded
+    got = decode_attention(q, kbuf, vbuf, mask, p, 0.125)
+    want = _attend(q, kbuf[:, :, :pos + 1], vbuf[:, :, :pos + 1], mask[..., :pos + 1], heads, kv_heads, 0.125)
+    close(got, want, dtype)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_decode_attention_quantized_cache(kind):
+    from mmc.plugins.attention import torch_dequantize_kv, torch_quantize_kv
+    from mmc.plugins.attention.kernels import decode_attention
+
+    b, heads, kv_heads, t, d, pos = 1, 4, 2, 64, 32, 40
+    ks, vs = (torch.rand(kv_heads, generator=GEN) * 0.05 + 0.01).to(DEV), (torch.rand(kv_heads, generator=GEN) * 0.05 + 0.01).to(DEV)
+    kc, vc = torch_quantize_kv(rand(b, kv_heads, t, d), ks, kind), torch_quantize_kv(rand(b, kv_heads, t, d), vs, kind)
+    q = rand(b, heads, 1, d, dtype=torch.bfloat16)
+    got = decode_attention(q, kc, vc, None, torch.tensor([pos], device=DEV), 0.2, ks, vs)
+    kf, vf = torch_dequantize_kv(kc, ks, q.dtype), torch_dequantize_kv(vc, vs, q.dtype)
+    close(got, _attend(q, kf[:, :, :pos + 1], vf[:, :, :pos + 1], None, heads, kv_heads, 0.2), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_weight_only_matmul(dtype, bits, m):
+    """Codes and scales from the project's quantizers; the kernel against the op's numpy reference."""
+    import numpy as np
+
+    from mmc import quantization as qz
+    from mmc.plugins.linear import WeightOnlyMatMul, pack_int4, unpack_int4
+    from mmc.plugins.linear.kernels import weight_only_matmul
+
+    k, n, g = 384, 72, 128
+    w = torch.randn(k, n, generator=GEN).numpy()
+    if bits == 8:
+        codes, scale = qz.quantize_per_channel(w, 8)
+        stored, s = codes.T.copy(), scale
+    else:
+        codes, scale = qz.quantize_blockwise(w, 4, g)
+        stored, s = pack_int4(codes.T.copy()), scale.T.copy()
+        assert np.array_equal(unpack_int4(stored), codes.T)
+    attrs = {"bits": bits, "group_size": g, "k": k}
+    x = rand(2, m, k, dtype=dtype)
+    want = WeightOnlyMatMul().reference([x.float().cpu().numpy(), stored, s], attrs)[0]
+    got = weight_only_matmul(x, torch.from_numpy(stored).to(DEV), torch.from_numpy(s).to(DEV), bits, g)
+    close(got, torch.from_numpy(want), dtype)
+    ref = WeightOnlyMatMul().torch_reference([x, torch.from_numpy(stored).to(DEV), torch.from_numpy(s).to(DEV)], attrs)[0]
+    close(ref, torch.from_numpy(want), dtype)
+
+
+def _kept_reference(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The reference's kept set (runtime/sampling.select's rule, by a full sort) as a bool mask."""
+    order = torch.argsort(x.double(), descending=True, stable=True)
+    vals = x.double()[order]
+    keep = torch.ones_like(vals, dtype=torch.bool)
+    if 0 < top_k < len(vals):
+        keep[top_k:] = False
+    p = torch.softmax(vals.masked_fill(~keep, float("-inf")), 0)
+    if top_p < 1:
+        keep &= (torch.cumsum(p, 0) - p) < top_p
+    out = torch.zeros_like(keep)
+    out[order] = keep
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 20, 0.5), (1.0, 1, 1.0)])
+def test_sampling_thresholds_match_sorted_reference(temperature, top_k, top_p):
+    """The bisected top-k / top-p thresholds keep exactly the set a full sort keeps."""
+    from mmc.plugins.sampling.kernels import sample
+
+    rows, v = 3, 500
+    logits = torch.randn(rows, v, generator=GEN) * 3
+    u = torch.rand(rows, v, generator=GEN)
+    ids, thr = sample(logits.to(DEV), u.to(DEV), temperature, top_k, top_p, thresholds=True)
+    for r in range(rows):
+        x = (logits[r] * (1.0 / temperature)).float()
+        kept = _kept_reference(x, top_k, top_p)
+        assert torch.equal(x >= thr[r].cpu(), kept), f"row {r}: kept set differs from the sorted reference"
+        assert kept[ids[r].cpu()], f"row {r}: sampled a token outside the kept set"
+        if top_k == 1:
+            assert ids[r].item() == x.argmax().item()
+
+
+def test_sampling_draws_follow_the_distribution():
+    """Gumbel-max over the kept set draws from softmax(logits / temperature)."""
+    from mmc.plugins.sampling.kernels import sample
+
+    v, rows, temperature = 24, 3000, 0.8
+    base = torch.randn(v, generator=GEN) * 2
+    u = torch.rand(rows, v, generator=GEN)
+    ids = sample(base.repeat(rows, 1).to(DEV), u.to(DEV), temperature).cpu()
+    p = torch.softmax(base.double() / temperature, 0)
+    freq = torch.bincount(ids, minlength=v).double() / rows
+    bound = 5 * torch.sqrt(p * (1 - p) / rows) + 2 / rows
+    assert ((freq - p).abs() <= bound).all(), f"frequencies off: max {(freq - p).abs().max():.4f}"
