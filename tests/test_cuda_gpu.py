@@ -47,3 +47,25 @@ def test_gpu_bf16_engine(tiny_dir, tmp_path, engine_all):
     run_mmc("compile", tiny_dir, "--target", "cuda", "-o", out, "-q")
     text = load(out, device="cuda").generate("The quick brown", max_new_tokens=8).text
     assert text == load(engine_all, device="cpu").generate("The quick brown", max_new_tokens=8).text
+
+
+def test_gpu_triton_and_torch_kernels_agree(cuda_engine, images):
+    """The Triton path (compiled kernels) and the torch path give the same fp32 tokens on the GPU."""
+    from mmc.runtime import load
+
+    tri = load(cuda_engine, device="cuda", max_seq_len=256, kernels="triton")
+    ref = load(cuda_engine, device="cuda", max_seq_len=256, kernels="torch")
+    assert tri.decoder.triton and not ref.decoder.triton
+    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
+        assert tri.generate(prompt, images=imgs, max_new_tokens=16).token_ids == \
+            ref.generate(prompt, images=imgs, max_new_tokens=16).token_ids
+
+
+def test_gpu_int8_weight_only_engine(tiny_dir, tmp_path):
+    from mmc.runtime import load
+
+    cuda, ort = tmp_path / "i8.cuda.mmc", tmp_path / "i8.ort.mmc"
+    run_mmc("compile", tiny_dir, "--int8", "--target", "cuda", "--precision", "fp32", "-o", cuda, "-q")
+    run_mmc("compile", tiny_dir, "--int8", "-o", ort, "-q")
+    want = load(ort, device="cpu").generate("The quick brown", max_new_tokens=12).token_ids
+    assert load(cuda, device="cuda", max_seq_len=64).generate("The quick brown", max_new_tokens=12).token_ids == want
