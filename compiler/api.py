@@ -97,7 +97,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                   quantize: str | None = None, group_size: int = 128,
                   max_drop: float | None = None, calib=None, calib_method: str = "minmax",
                   calib_percentile: float = 99.99, smooth_alpha: float | None = 0.5,
-                  kv_cache: str | None = None, precision: str | None = None) -> CompileResult:
+                  kv_cache: str | None = None, precision: str | None = None,
+                  accuracy_report: bool = True) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
     from mmc.runtime import engine_format as fmt
@@ -149,7 +150,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             bar.step(f"exporting with the {exporter} exporter")
             components = adapter.export(torch_model, work, exporter=exporter, seed=seed, opset=opset)
             options = {"quant": quant}
-            if quant is not None:
+            if quant is not None and (accuracy_report or quant.needs_calibration or max_drop is not None):
                 bar.step("calibrating" + (f" on {calib}" if calib else " on the built-in set"))
                 options["calibration"] = _calibration(adapter, torch_model, components, samples,
                                                       str(calib) if calib else "built-in", calib_method,
@@ -166,7 +167,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 if quant is not None and comp.name == "decoder":
                     bar.step("measuring quantization accuracy")
                     result.quantization = quantization_summary(
-                        quant, manager.options, manager.float_models.get("decoder"), graph, max_drop)
+                        quant, manager.options, manager.float_models.get("decoder") if accuracy_report else None,
+                        graph, max_drop)
                 if target == "cuda":
                     from .plan import write_plan
 

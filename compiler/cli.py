@@ -36,6 +36,7 @@ def cmd_compile(args) -> int:
         quantize=args.int8 or args.int4 or args.fp8, group_size=args.group_size, max_drop=args.max_drop,
         calib=args.calib, calib_method=args.calib_method, calib_percentile=args.calib_percentile,
         smooth_alpha=None if args.no_smooth else args.smooth_alpha, kv_cache=args.kv_cache, precision=args.precision,
+        accuracy_report=not args.no_accuracy_report,
         pass_modules=args.pass_module,
         progress=not args.quiet,
     )
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-smooth", action="store_true", help="W8A8 without SmoothQuant (naive per-tensor)")
     c.add_argument("--max-drop", type=float, default=None, metavar="PCT",
                    help="accuracy budget: keep decoder GEMMs in float until top-1 agreement >= 100-PCT %%")
+    c.add_argument("--no-accuracy-report", action="store_true",
+                   help="skip the quantization accuracy report (ONNX Runtime on the CPU over the calibration "
+                        "prompts: slow for multi-GB models); weight-only --int8/--int4 then need no calibration")
     c.add_argument("--dump-dir", help="write the text IR after every pass and report.json here")
     c.add_argument("--verify-each", action="store_true",
                    help="verify the graph and check its outputs after every pass; stop at the first that fails")

@@ -49,6 +49,11 @@ class QuantConfig:
     def activations(self) -> str | None:
         return {"w8a8": "int8", "fp8": "fp8e4m3"}.get(self.mode)
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Activation or KV-cache scales come from calibration; weight-only modes need none."""
+        return self.activations is not None or self.kv_cache is not None
+
     def describe(self) -> dict:
         out = {"mode": self.mode, "weights": self.weight_type, "activations": self.activations or "float",
                "granularity": f"group-{self.group_size}" if self.mode == "int4" else "per-output-channel",

@@ -5,7 +5,8 @@ set before triton is imported), which is how CI tests their logic without a GPU.
 imported only when a kernel is used: the CPU runtime and the compiler do not need it.
 
 - `INTERPRET`: true under the interpreter; `dot` works around its one known defect here (triton
-  3.6 computes bf16 `tl.dot` wrongly when interpreted; fp32 products of bf16 values are exact).
+  3.6 computes bf16 `tl.dot` wrongly when interpreted; fp32 products of bf16 values are exact),
+  and keeps fp32 operands in IEEE fp32 on the GPU (tl.dot's default there is TF32).
 - `use_triton(t)`: whether a tensor should go to a Triton kernel: on CUDA, or on the CPU when
   interpreting (tests).
 - `launch_grid`, `next_pow2`: small launch helpers.
@@ -25,6 +26,8 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 def dot(a, b):
     if INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if a.dtype == tl.float32:  # fp32 engines: full fp32 products, not TF32
+        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
 

@@ -169,7 +169,8 @@ def test_decode_attention_quantized_cache(kind):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m", [1, 3, 40])
-def test_weight_only_matmul(dtype, bits, m):
+@pytest.mark.parametrize("k", [384, 512])  # 512: int4 tiles lie inside one group (scale after the dot)
+def test_weight_only_matmul(dtype, bits, m, k):
     """Codes and scales from the project's quantizers; the kernel against the op's numpy reference."""
     import numpy as np
 
@@ -177,7 +178,7 @@ def test_weight_only_matmul(dtype, bits, m):
     from mmc.plugins.linear import WeightOnlyMatMul, pack_int4, unpack_int4
     from mmc.plugins.linear.kernels import weight_only_matmul
 
-    k, n, g = 384, 72, 128
+    n, g = 72, 128
     w = torch.randn(k, n, generator=GEN).numpy()
     if bits == 8:
         codes, scale = qz.quantize_per_channel(w, 8)

@@ -147,3 +147,15 @@ def test_quantization_flags_are_checked(tiny_dir, tmp_path):
         proc = run_mmc("compile", tiny_dir, *args, "-o", tmp_path / "x.mmc", "-q", check_ok=False)
         assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "x.mmc").exists()
+
+
+def test_weight_only_without_accuracy_report_skips_calibration(tiny_dir, tmp_path):
+    """--no-accuracy-report: a weight-only engine compiles with no calibration run and no accuracy
+    section (how multi-GB models are quantized without ONNX Runtime on the CPU); W8A8 still calibrates."""
+    from mmc.api import compile_model
+
+    r = compile_model(str(tiny_dir), output=tmp_path / "i8.mmc", quantize="int8", accuracy_report=False, progress=False)
+    assert r.quantization["calibration"] is None and "accuracy" not in r.quantization
+    assert r.quantization["weight_bytes"]["ratio"] < 0.3
+    r = compile_model(str(tiny_dir), output=tmp_path / "w8a8.mmc", quantize="w8a8", accuracy_report=False, progress=False)
+    assert r.quantization["calibration"] is not None and "accuracy" not in r.quantization

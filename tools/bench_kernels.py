@@ -4,8 +4,11 @@ own fused paths: sdpa, cuBLAS) at Qwen2.5-VL-3B sizes, on the GPU. Not a test.
 
     python tools/bench_kernels.py [--json out.json]
 
-Each row: median of 50 timed runs (CUDA events around each call, after 10 warm-up calls), the
-reference's median, the speed-up and, for memory-bound kernels, the achieved bandwidth.
+Each row: the kernel's time per call inside a CUDA graph (20 calls captured, the graph replayed
+30 times after warm-up, median of replays / 20: what a captured decode step pays, launch
+overhead excluded), the same for the reference, the speed-up and, for memory-bound kernels, the
+achieved bandwidth. `eager` is the median of 30 single calls with CUDA events, launch included
+(what an uncaptured prefill pays).
 """
 
 from __future__ import annotations
@@ -18,10 +21,7 @@ import sys
 import torch
 
 
-def bench(fn, runs: int = 50, warmup: int = 10) -> float:
-    """Median milliseconds of fn() (CUDA events)."""
-    for _ in range(warmup):
-        fn()
+def _median_ms(fn, runs: int) -> float:
     times = []
     for _ in range(runs):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -31,6 +31,22 @@ def bench(fn, runs: int = 50, warmup: int = 10) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
+
+
+def bench(fn, calls: int = 20, runs: int = 30) -> tuple[float, float]:
+    """(ms per call inside a CUDA graph, ms per eager call)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    return _median_ms(graph.replay, runs) / calls, _median_ms(fn, runs)
 
 
 def main(argv=None) -> int:
@@ -55,12 +71,13 @@ def main(argv=None) -> int:
     rows = []
 
     def row(name, kernel, ref, nbytes=None, ref_name="torch reference"):
-        t, r = bench(kernel), bench(ref)
+        (t, te), (r, re_) = bench(kernel), bench(ref)
         gbs = nbytes / t / 1e6 if nbytes else None
-        rows.append({"kernel": name, "ms": round(t, 4), "reference": ref_name, "reference_ms": round(r, 4),
+        rows.append({"kernel": name, "ms": round(t, 4), "eager_ms": round(te, 4), "reference": ref_name,
+                     "reference_ms": round(r, 4), "reference_eager_ms": round(re_, 4),
                      "speedup": round(r / t, 2), "GB/s": round(gbs) if gbs else None})
-        print(f"{name:<44} {t * 1e3:9.1f} us   {ref_name:<22} {r * 1e3:9.1f} us   x{r / t:5.2f}"
-              + (f"   {gbs:7.0f} GB/s" if gbs else ""), flush=True)
+        print(f"{name:<46} {t * 1e3:8.1f} us (eager {te * 1e3:6.1f})   {ref_name:<22} {r * 1e3:8.1f} us "
+              f"(eager {re_ * 1e3:6.1f})   x{r / t:5.2f}" + (f"   {gbs:6.0f} GB/s" if gbs else ""), flush=True)
 
     h, inter, heads, kvh, d = 2048, 11008, 16, 2, 128
     for m in (1, 300):
@@ -125,6 +142,19 @@ def main(argv=None) -> int:
                 nbytes=k * n if m == 1 else None, ref_name="bf16 cuBLAS")
             row(f"woq int4 g128 [{m},{k}]x[{k},{n}]", lambda: weight_only_matmul(x, w4, sc4, 4, 128), lambda: x @ wb,
                 nbytes=k * n // 2 if m == 1 else None, ref_name="bf16 cuBLAS")
+    # decode tile sweep for the weight-only GEMV (M = 1): the default is plugins/linear/kernels.DECODE
+    x1 = torch.randn(1, inter, device=dev, dtype=bf)
+    wf = torch.randn(inter, 2 * inter) * 0.02
+    c8, s8 = qz.quantize_per_channel(wf.numpy(), 8)
+    w8, sc8 = torch.from_numpy(c8.T.copy()).to(dev), torch.from_numpy(s8).to(dev)
+    x1 = torch.randn(1, inter, device=dev, dtype=bf)
+    for bn in (16, 32, 64):
+        for bk in (128, 256, 512):
+            for warps in (4, 8):
+                cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+                t, _ = bench(lambda: weight_only_matmul(x1, w8, sc8, 8, decode=cfg))
+                print(f"  sweep int8 [1,{inter}]x[{inter},{2 * inter}] {cfg}: {t * 1e3:7.1f} us "
+                      f"{inter * 2 * inter / t / 1e6:6.0f} GB/s", flush=True)
     logits = torch.randn(1, 151936, device=dev) * 4
     u = torch.rand(1, 151936, device=dev)
 

@@ -10,7 +10,9 @@ uses larger M tiles and no split.
     bits 8:  acc = x[:, k-tile] · codes[n-tile, k-tile]ᵀ;  y = acc · scale[n]
     bits 4:  byte j holds k = j (low nibble) and k = j + K/2 (high nibble), so each tile of
              bytes is two dots: x[:, j] · Ŵ_lo[n, j]ᵀ + x[:, j + K/2] · Ŵ_hi[n, j]ᵀ, with
-             Ŵ = code · scale[n, k // g] formed in float32 and rounded to x's dtype
+             Ŵ = code · scale[n, k // g] formed in float32 and rounded to x's dtype; when a tile
+             lies inside one group on both halves (K/2 and g multiples of the tile), the
+             scale multiplies the tile's dot instead (codes are exact in bf16)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _signed4(v):
 
 @triton.jit
 def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, sxm, n_groups, group, k_per_split,
-                BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     split = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,47 +57,61 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, sxm, n_groups, group, k_p
         half = K // 2
         end = tl.minimum(k + k_per_split, half)
         wrow = w_ptr + rn[:, None].to(tl.int64) * half
-        srow = s_ptr + rn[:, None].to(tl.int64) * n_groups
+        srow = s_ptr + rn.to(tl.int64) * n_groups
         while k < end:
             rj = k + tl.arange(0, BLOCK_K)
             jm = rj[None, :] < end
             b = tl.load(wrow + rj[None, :], mask=nm & jm, other=0).to(tl.int32)
-            s_lo = tl.load(srow + rj[None, :] // group, mask=nm & jm, other=0.0)
-            s_hi = tl.load(srow + (rj[None, :] + half) // group, mask=nm & jm, other=0.0)
             x_lo = tl.load(xrow + rj[None, :], mask=mm & jm, other=0.0)
             x_hi = tl.load(xrow + half + rj[None, :], mask=mm & jm, other=0.0)
-            w_lo = (_signed4(b & 0xF) * s_lo).to(x_lo.dtype)
-            w_hi = (_signed4(b >> 4) * s_hi).to(x_lo.dtype)
-            acc += dot(x_lo, tl.trans(w_lo)) + dot(x_hi, tl.trans(w_hi))
+            if GROUP_ALIGNED:  # the tile lies in one group on each half: scale the dot, not the codes
+                s_lo = tl.load(srow + k // group, mask=rn < N, other=0.0)
+                s_hi = tl.load(srow + (k + half) // group, mask=rn < N, other=0.0)
+                c_lo = _signed4(b & 0xF).to(x_lo.dtype)
+                c_hi = _signed4(b >> 4).to(x_lo.dtype)
+                acc += dot(x_lo, tl.trans(c_lo)) * s_lo[None, :] + dot(x_hi, tl.trans(c_hi)) * s_hi[None, :]
+            else:
+                s_lo = tl.load(srow[:, None] + rj[None, :] // group, mask=nm & jm, other=0.0)
+                s_hi = tl.load(srow[:, None] + (rj[None, :] + half) // group, mask=nm & jm, other=0.0)
+                w_lo = (_signed4(b & 0xF) * s_lo).to(x_lo.dtype)
+                w_hi = (_signed4(b >> 4) * s_hi).to(x_lo.dtype)
+                acc += dot(x_lo, tl.trans(w_lo)) + dot(x_hi, tl.trans(w_hi))
             k += BLOCK_K
     out = out_ptr + (split * M + rm[:, None].to(tl.int64)) * N + rn[None, :]
     tl.store(out, acc, mask=mm & (rn[None, :] < N))
 
 
-def config(m: int, n: int, k_loop: int) -> dict:
+DECODE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+PREFILL = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
+
+
+def config(m: int, n: int, k_loop: int, decode: dict | None = None) -> dict:
     """Tile sizes and split-K for M rows, N outputs and k_loop positions to walk (K, or K/2 for int4)."""
     if m > 16:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "splits": 1, "num_warps": 4}
-    block_n, block_k = 32, 128
-    tiles = triton.cdiv(n, block_n)
-    splits = max(1, min(triton.cdiv(SMS_TARGET, tiles), k_loop // (4 * block_k)))
-    return {"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "splits": splits, "num_warps": 4}
+        return dict(PREFILL, splits=1)
+    cfg = dict(decode or DECODE)
+    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    cfg.setdefault("splits", max(1, min(triton.cdiv(SMS_TARGET, tiles), k_loop // (4 * cfg["BLOCK_K"]))))
+    return cfg
 
 
-def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
+def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bits: int, group: int = 0,
+                       decode: dict | None = None) -> torch.Tensor:
     """x [..., K] @ Ŵ -> [..., N]; w int8 [N, K] or packed uint8 [N, K/2] (see plugins/linear)."""
     n = w.shape[0]
     k = w.shape[1] * (2 if bits == 4 else 1)
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     k_loop = k if bits == 8 else k // 2
-    cfg = config(m, n, k_loop)
+    cfg = config(m, n, k_loop, decode)
     splits = cfg.pop("splits")
     k_per_split = triton.cdiv(triton.cdiv(k_loop, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = triton.cdiv(k_loop, k_per_split)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), splits)
     _woq_kernel[grid](x2, w, scale, part, m, n, k, x2.stride(0), scale.shape[1] if scale.dim() == 2 else 1,
-                      max(group, 1), k_per_split, BITS=bits, **cfg)
+                      max(group, 1), k_per_split, BITS=bits,
+                      GROUP_ALIGNED=bits == 4 and (k // 2) % group == 0 and group % cfg["BLOCK_K"] == 0
+                      and k_per_split % cfg["BLOCK_K"] == 0, **cfg)
     y = part[0] if splits == 1 else part.sum(0)
     return y.to(x.dtype).view(*x.shape[:-1], n)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048
+BLOCK = 4096
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_
     thr = torch.empty(b, dtype=torch.int32, device=logits.device)
     k = top_k if 0 < top_k < n else 0
     _sample_kernel[(b,)](logits, u.contiguous(), out, thr, n, logits.stride(0), 1.0 / float(temperature), k,
-                         float(top_p), BLOCK=min(BLOCK, triton.next_power_of_2(n)))
+                         float(top_p), BLOCK=min(BLOCK, triton.next_power_of_2(n)), num_warps=16 if n >= 8192 else 4)
     if not thresholds:
         return out
     bits = torch.where(thr < 0, thr ^ 0x7FFFFFFF, thr)

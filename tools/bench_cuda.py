@@ -1,0 +1,319 @@
+"""End-to-end benchmark of the cuda target against Hugging Face transformers (PERF.md's protocol).
+
+    python tools/bench_cuda.py --preset qwen2.5-vl-3b --modes bf16,int8 --peers eager,compile \
+        --workloads text,image --runs 10 --json out.json [--workdir DIR] [--deadline 540]
+
+Real-size preset with dummy (seeded random) bf16 weights, batch 1, greedy, a fixed number of new
+tokens (EOS ignored). Workloads: `text` = 32 random prompt tokens -> 128 new tokens; `image` = one
+448x448 image + a short instruction -> 128. Per workload and engine, after one warm-up run, the
+medians and p90 of `--runs` timed runs of:
+  preprocessing (image processor, tokenizer, embedding merge), vision (tower), prefill (decoder
+  over the prompt + first token), TTFT (their sum), TPOT (decode steps), decode tok/s, and the
+  fraction of the HBM bound: decoder weight bytes per token / TPOT / measured copy bandwidth.
+Regions are timed with CUDA events around work that ends in a device-to-host copy (the token).
+Peers on the same weights and GPU: transformers eager (sdpa) and transformers with a static
+cache + torch.compile (mode "default"); TTFT = generate(max_new_tokens=1), decode tok/s =
+(N - 1) / (time(N) - TTFT). Also: logits cosine of the bf16 engine against transformers bf16 for
+the prefill and 16 teacher-forced decode steps.
+
+Engines and the checkpoint are kept in --workdir (built when missing), so a second invocation on
+the same machine measures without recompiling. --deadline (seconds) skips what would not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+START = time.time()
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.time() - START:6.0f}s] {msg}", flush=True)
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    return {"median": round(statistics.median(xs), 4), "p90": round(xs[min(len(xs) - 1, int(0.9 * len(xs)))], 4)}
+
+
+DEVICE = "cuda"
+
+
+class Timer:
+    """CUDA events around a region that ends with a host sync; milliseconds (wall clock on the
+    CPU, for --device cpu dry runs)."""
+
+    def __enter__(self):
+        if DEVICE == "cpu":
+            self.t = time.perf_counter()
+            return self
+        self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.a.record()
+        return self
+
+    def __exit__(self, *exc):
+        if DEVICE == "cpu":
+            self.ms = (time.perf_counter() - self.t) * 1e3
+            return
+        self.b.record()
+        self.b.synchronize()
+        self.ms = self.a.elapsed_time(self.b)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write), median of 10."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ts = []
+    for _ in range(12):
+        with Timer() as t:
+            y.copy_(x)
+        ts.append(t.ms)
+    return 2 * x.numel() / statistics.median(ts[2:]) / 1e6
+
+
+def build(preset: str, workdir: Path, modes: list[str]) -> dict[str, Path]:
+    from mmc.api import compile_model
+    from mmc.models.qwen2_5_vl.presets import build_checkpoint
+
+    ckpt = workdir / preset
+    if not (ckpt / "config.json").exists():
+        _log(f"building checkpoint {ckpt}")
+        build_checkpoint(preset, ckpt)
+    engines = {}
+    for mode in modes:
+        out = workdir / f"{preset}-{mode}.mmc"
+        if not (out / "manifest.json").exists():
+            _log(f"compiling {out.name}")
+            t = time.time()
+            compile_model(str(ckpt), output=out, target="cuda", passes="all", progress=False,
+                          quantize=None if mode == "bf16" else mode, accuracy_report=False)
+            _log(f"compiled {out.name} in {time.time() - t:.0f} s")
+        engines[mode] = out
+    return {"checkpoint": ckpt, **engines}
+
+
+def workload_inputs(engine, kind: str, prompt_tokens: int, image_path: Path):
+    """(prompt ids, pixel_values, grid) for a workload, from the engine's own processor."""
+    if kind == "text":
+        rng = np.random.default_rng(0)
+        return rng.integers(10, engine.host.get("bpe_vocab", 350), size=prompt_tokens).astype(np.int64), None, None
+    p = engine.processor.prepare("Describe this image in detail, please: what objects, colors and people "
+                                 "do you see, and where are they?", [str(image_path)])
+    return p.input_ids, p.pixel_values, p.image_grid_thw
+
+
+def mmc_run(engine, ids, pix, grid, new_tokens: int):
+    """One generation with the engine's own steps; returns the timings (ms) and the tokens."""
+    from mmc.runtime.sampling import SamplingParams
+    from mmc.runtime.vision_glue import mrope_positions
+
+    h = engine.host
+    greedy, rng = SamplingParams(), np.random.default_rng(0)
+    t0 = time.perf_counter()
+    embeds = engine.embed(ids).copy()
+    if pix is not None:
+        t_pre = (time.perf_counter() - t0) * 1e3
+        with Timer() as tv:
+            img = engine.encode_images(pix, grid)
+        t1 = time.perf_counter()
+        embeds[ids == h["image_token_id"]] = img
+        pos, delta = mrope_positions(ids, h["image_token_id"], grid, h["spatial_merge_size"])
+        t_pre += (time.perf_counter() - t1) * 1e3
+    else:
+        pos, delta = np.broadcast_to(np.arange(len(ids)), (3, len(ids))).copy(), 0
+        t_pre = (time.perf_counter() - t0) * 1e3
+        tv = None
+    mask = np.ones((1, len(ids)), dtype=np.int64)
+    with Timer() as tp:
+        logits, state = engine._prefill_logits(embeds[None].astype(np.float32), pos[:, None, :], mask)
+        tok = engine.select_tokens(logits, greedy, rng)
+    tokens = [int(tok[0])]
+    nxt = len(ids) + delta
+    with Timer() as td:
+        for i in range(new_tokens - 1):
+            mask = np.ones((1, len(ids) + i + 1), dtype=np.int64)
+            p = np.full((3, 1, 1), nxt + i, dtype=np.int64)
+            logits, state = engine._decode_logits(tok, p, mask, state)
+            tok = engine.select_tokens(logits, greedy, rng)
+            tokens.append(int(tok[0]))
+    vision = tv.ms if tv else 0.0
+    return {"preprocessing_ms": t_pre, "vision_ms": vision, "prefill_ms": tp.ms,
+            "ttft_ms": t_pre + vision + tp.ms, "tpot_ms": td.ms / (new_tokens - 1),
+            "decode_tok_s": (new_tokens - 1) / (td.ms / 1e3)}, tokens
+
+
+def summarize(runs: list[dict]) -> dict:
+    return {k: _stats([r[k] for r in runs]) for k in runs[0]}
+
+
+def weight_bytes(engine) -> int:
+    """Device bytes of the decoder's constants (what one decode step reads)."""
+    return sum(t.numel() * t.element_size() for t in engine.decoder.constants.values() if t.device.type == DEVICE)
+
+
+def hf_model(ckpt: Path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa").to(DEVICE).eval()
+
+
+def hf_inputs(ids, pix, grid):
+    out = {"input_ids": torch.from_numpy(ids)[None].to(DEVICE), "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=DEVICE)}
+    if pix is not None:
+        out |= {"pixel_values": torch.from_numpy(pix).to(DEVICE, torch.bfloat16), "image_grid_thw": torch.from_numpy(grid).to(DEVICE)}
+    return out
+
+
+def hf_run(model, inputs, new_tokens: int, **gen) -> dict:
+    kw = dict(do_sample=False, pad_token_id=model.generation_config.pad_token_id, **gen)
+    with torch.inference_mode():
+        with Timer() as t1:
+            model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, **kw)
+        with Timer() as tn:
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    return {"ttft_ms": t1.ms, "tpot_ms": (tn.ms - t1.ms) / (new_tokens - 1),
+            "decode_tok_s": (new_tokens - 1) / ((tn.ms - t1.ms) / 1e3)}
+
+
+def logits_cosine(engine, model, ids, pix, grid, steps: int = 16) -> dict:
+    """Teacher-forced: the engine's prefill + `steps` decode logits against transformers' forward
+    over the same tokens (the engine's greedy continuation)."""
+    _, tokens = mmc_run(engine, ids, pix, grid, steps + 1)
+    from mmc.runtime.vision_glue import mrope_positions
+
+    h = engine.host
+    embeds = engine.embed(ids).copy()
+    if pix is not None:
+        embeds[ids == h["image_token_id"]] = engine.encode_images(pix, grid)
+        pos, delta = mrope_positions(ids, h["image_token_id"], grid, h["spatial_merge_size"])
+    else:
+        pos, delta = np.broadcast_to(np.arange(len(ids)), (3, len(ids))).copy(), 0
+    ours = []
+    logits, state = engine._prefill_logits(embeds[None].astype(np.float32), pos[:, None, :], np.ones((1, len(ids)), dtype=np.int64))
+    ours.append(logits[0].float())
+    for i in range(steps):
+        mask = np.ones((1, len(ids) + i + 1), dtype=np.int64)
+        logits, state = engine._decode_logits(np.array([tokens[i]]), np.full((3, 1, 1), len(ids) + delta + i), mask, state)
+        ours.append(logits[0].float())
+    full = np.concatenate([ids, np.array(tokens[:steps], dtype=np.int64)])
+    with torch.inference_mode():
+        ref = model(**hf_inputs(full, pix, grid)).logits[0, len(ids) - 1:].float()
+    cos = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in zip(ours, ref)]
+    top1 = sum(int(a.argmax() == b.argmax()) for a, b in zip(ours, ref))
+    return {"min": round(min(cos), 6), "mean": round(sum(cos) / len(cos), 6), "steps": len(cos), "top1_agree": top1}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="qwen2.5-vl-3b")
+    ap.add_argument("--workdir", default="/tmp/mmc-bench")
+    ap.add_argument("--modes", default="bf16", help="comma list of bf16, int8, int4")
+    ap.add_argument("--peers", default="eager,compile", help="comma list of eager, compile (or none)")
+    ap.add_argument("--workloads", default="text,image")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"))
+    ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which remaining parts are skipped")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of this script (tiny preset)")
+    args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("bench_cuda: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import transformers
+    from PIL import Image
+
+    from mmc.runtime.cuda.engine import CudaEngine
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    modes, peers = args.modes.split(","), [p for p in args.peers.split(",") if p and p != "none"]
+    workloads = args.workloads.split(",")
+    report = {"command": " ".join(["python", "tools/bench_cuda.py", *(argv or sys.argv[1:])]),
+              "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+              "preset": args.preset, "new_tokens": args.new_tokens, "runs": args.runs, "results": {}, "skipped": []}
+    report["copy_GBps"] = round(copy_bandwidth()) if DEVICE == "cuda" else 1.0
+    _log(f"{report['gpu']}: copy bandwidth {report['copy_GBps']} GB/s")
+    paths = build(args.preset, workdir, modes)
+    image = workdir / "image448.png"
+    Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8)).save(image)
+
+    def over() -> bool:
+        return time.time() - START > args.deadline
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
+    inputs = {}
+    for mode in modes:
+        engine = CudaEngine(paths[mode], device=DEVICE, max_seq_len=1024, kernels=args.kernels, verify=False)
+        wbytes = weight_bytes(engine)
+        report.setdefault("decoder_weight_bytes", {})[mode] = wbytes
+        for kind in workloads:
+            if over():
+                report["skipped"].append(f"mmc {mode} {kind}")
+                continue
+            ids, pix, grid = inputs.setdefault(kind, workload_inputs(engine, kind, args.prompt_tokens, image))
+            mmc_run(engine, ids, pix, grid, args.new_tokens)  # warm-up (captures the decode graph)
+            runs = [mmc_run(engine, ids, pix, grid, args.new_tokens)[0] for _ in range(args.runs)]
+            s = summarize(runs)
+            s["hbm_fraction"] = round(wbytes / (s["tpot_ms"]["median"] / 1e3) / (report["copy_GBps"] * 1e9), 4)
+            s["weight_bytes_per_token"] = wbytes
+            s["prompt_tokens"] = len(ids)
+            report["results"][f"mmc-{mode}/{kind}"] = s
+            _log(f"mmc {mode} {kind}: TTFT {s['ttft_ms']['median']:.1f} ms (vision {s['vision_ms']['median']:.1f}, "
+                 f"prefill {s['prefill_ms']['median']:.1f}), decode {s['decode_tok_s']['median']:.1f} tok/s, "
+                 f"{100 * s['hbm_fraction']:.0f}% of HBM")
+            save()
+        if mode == "bf16" and not over():
+            model = hf_model(paths["checkpoint"])
+            report["cosine"] = {k: logits_cosine(engine, model, *inputs[k]) for k in workloads if k in inputs}
+            _log(f"logits cosine vs transformers bf16: {report['cosine']}")
+            del model
+            save()
+        del engine
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    if peers:
+        model = hf_model(paths["checkpoint"])
+        for peer in peers:
+            gen = {}
+            if peer == "compile":
+                model.generation_config.cache_implementation = "static"
+                model.forward = torch.compile(model.forward, mode="default")
+            for kind in workloads:
+                if over():
+                    report["skipped"].append(f"transformers-{peer} {kind}")
+                    continue
+                hin = hf_inputs(*inputs[kind])
+                t = time.time()
+                hf_run(model, hin, args.new_tokens, **gen)  # warm-up (compiles)
+                _log(f"transformers {peer} {kind}: warm-up {time.time() - t:.0f} s")
+                runs = [hf_run(model, hin, args.new_tokens, **gen) for _ in range(args.runs)]
+                s = summarize(runs)
+                wb = report["decoder_weight_bytes"].get("bf16", 0)  # the same weights, read once per token
+                s["hbm_fraction"] = round(wb / (s["tpot_ms"]["median"] / 1e3) / (report["copy_GBps"] * 1e9), 4)
+                report["results"][f"transformers-{peer}/{kind}"] = s
+                _log(f"transformers {peer} {kind}: TTFT {s['ttft_ms']['median']:.1f} ms, decode {s['decode_tok_s']['median']:.1f} tok/s")
+                save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
