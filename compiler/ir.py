@@ -89,7 +89,22 @@ def upgrade_opset(graph: gs.Graph, opset: int) -> None:
     domains, e.g. mmc ops, pass through unchanged)."""
     from onnx import version_converter
 
-    converted = gs.import_onnx(version_converter.convert_version(to_model(graph), opset))
+    model = to_model(graph)
+    # The converter serializes the model: convert it without the weights' bytes (protobuf's 2 GB
+    # limit; the real-size presets are larger), then put them back by name.
+    stash = {}
+    for t in model.graph.initializer:
+        if t.ByteSize() > 1 << 16:
+            stash[t.name] = onnx.TensorProto()
+            stash[t.name].CopyFrom(t)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="weights.stashed")
+    converted = version_converter.convert_version(model, opset)
+    for t in converted.graph.initializer:
+        if t.name in stash:
+            t.CopyFrom(stash[t.name])
+    converted = gs.import_onnx(converted)
     graph.nodes, graph.inputs, graph.outputs = converted.nodes, converted.inputs, converted.outputs
     graph.opset, graph.import_domains = converted.opset, converted.import_domains
 

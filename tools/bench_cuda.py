@@ -160,17 +160,23 @@ def weight_bytes(engine) -> int:
     return sum(t.numel() * t.element_size() for t in engine.decoder.constants.values() if t.device.type == DEVICE)
 
 
-def hf_model(ckpt: Path):
+def hf_model(ckpt: Path, dtype=torch.bfloat16):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16,
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype,
                                                               attn_implementation="sdpa").to(DEVICE).eval()
 
 
-def hf_inputs(ids, pix, grid):
+IMAGE_TOKEN = [0]  # set from the engine's host metadata
+
+
+def hf_inputs(ids, pix, grid, dtype=torch.bfloat16):
+    """transformers' inputs for the same prompt; mm_token_type_ids marks the image tokens (without it
+    transformers 5 gives image tokens text positions instead of M-RoPE's)."""
     out = {"input_ids": torch.from_numpy(ids)[None].to(DEVICE), "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=DEVICE)}
     if pix is not None:
-        out |= {"pixel_values": torch.from_numpy(pix).to(DEVICE, torch.bfloat16), "image_grid_thw": torch.from_numpy(grid).to(DEVICE)}
+        out |= {"pixel_values": torch.from_numpy(pix).to(DEVICE, dtype), "image_grid_thw": torch.from_numpy(grid).to(DEVICE),
+                "mm_token_type_ids": torch.from_numpy(ids == IMAGE_TOKEN[0]).int()[None].to(DEVICE)}
     return out
 
 
@@ -185,9 +191,9 @@ def hf_run(model, inputs, new_tokens: int, **gen) -> dict:
             "decode_tok_s": (new_tokens - 1) / ((tn.ms - t1.ms) / 1e3)}
 
 
-def logits_cosine(engine, model, ids, pix, grid, steps: int = 16) -> dict:
+def logits_cosine(engine, models: dict, ids, pix, grid, steps: int = 16) -> dict:
     """Teacher-forced: the engine's prefill + `steps` decode logits against transformers' forward
-    over the same tokens (the engine's greedy continuation)."""
+    over the same tokens (the engine's greedy continuation), per reference model (bf16, fp32)."""
     _, tokens = mmc_run(engine, ids, pix, grid, steps + 1)
     from mmc.runtime.vision_glue import mrope_positions
 
@@ -206,10 +212,20 @@ def logits_cosine(engine, model, ids, pix, grid, steps: int = 16) -> dict:
         logits, state = engine._decode_logits(np.array([tokens[i]]), np.full((3, 1, 1), len(ids) + delta + i), mask, state)
         ours.append(logits[0].float())
     full = np.concatenate([ids, np.array(tokens[:steps], dtype=np.int64)])
-    with torch.inference_mode():
-        ref = model(**hf_inputs(full, pix, grid)).logits[0, len(ids) - 1:].float()
-    cos = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in zip(ours, ref)]
-    top1 = sum(int(a.argmax() == b.argmax()) for a, b in zip(ours, ref))
+    out = {}
+    refs = {}
+    for name, model in models.items():
+        with torch.inference_mode():
+            refs[name] = model(**hf_inputs(full, pix, grid, model.dtype)).logits[0, len(ids) - 1:].float()
+        out[f"mmc_vs_transformers_{name}"] = _cosines(ours, refs[name])
+    if len(refs) == 2:
+        out["transformers_bf16_vs_fp32"] = _cosines(list(refs["bf16"]), refs["fp32"])
+    return out
+
+
+def _cosines(ours, ref) -> dict:
+    cos = [torch.nn.functional.cosine_similarity(a.to(b.device), b, dim=0).item() for a, b in zip(ours, ref)]
+    top1 = sum(int(a.argmax().item() == b.argmax().item()) for a, b in zip(ours, ref))
     return {"min": round(min(cos), 6), "mean": round(sum(cos) / len(cos), 6), "steps": len(cos), "top1_agree": top1}
 
 
@@ -262,6 +278,7 @@ def main(argv=None) -> int:
     inputs = {}
     for mode in modes:
         engine = CudaEngine(paths[mode], device=DEVICE, max_seq_len=1024, kernels=args.kernels, verify=False)
+        IMAGE_TOKEN[0] = engine.host.get("image_token_id", -1)
         wbytes = weight_bytes(engine)
         report.setdefault("decoder_weight_bytes", {})[mode] = wbytes
         for kind in workloads:
@@ -281,10 +298,10 @@ def main(argv=None) -> int:
                  f"{100 * s['hbm_fraction']:.0f}% of HBM")
             save()
         if mode == "bf16" and not over():
-            model = hf_model(paths["checkpoint"])
-            report["cosine"] = {k: logits_cosine(engine, model, *inputs[k]) for k in workloads if k in inputs}
-            _log(f"logits cosine vs transformers bf16: {report['cosine']}")
-            del model
+            models = {"bf16": hf_model(paths["checkpoint"]), "fp32": hf_model(paths["checkpoint"], torch.float32)}
+            report["cosine"] = {k: logits_cosine(engine, models, *inputs[k]) for k in workloads if k in inputs}
+            _log(f"logits cosine (prefill + 16 decode steps): {report['cosine']}")
+            del models
             save()
         del engine
         if DEVICE == "cuda":

@@ -41,7 +41,8 @@ def main(ckpt: str, engine_dir: str) -> None:
             px = torch.from_numpy(pix).cuda().to(dt)
             vis = m.model.visual(px, grid_thw=torch.from_numpy(grid).cuda())
             vis = (vis.pooler_output if hasattr(vis, "pooler_output") else vis).float().cpu()
-            lg = m(input_ids=torch.from_numpy(ids)[None].cuda(), pixel_values=px,
+            tt = torch.from_numpy(ids == h["image_token_id"]).int()[None].cuda()  # M-RoPE needs it in transformers 5
+            lg = m(input_ids=torch.from_numpy(ids)[None].cuda(), pixel_values=px, mm_token_type_ids=tt,
                    image_grid_thw=torch.from_numpy(grid).cuda()).logits[0, -1].float().cpu()
         res[str(dt)] = (vis, lg)
         del m

@@ -37,15 +37,20 @@ def _mask_args(mask, shape4):
 
 
 @triton.jit
-def _online_block(q, k, v, s_mask, m_i, l_i, acc, scale):
-    """One key block of the online softmax; s_mask: scores with -inf where a key must not count."""
+def _online_block(q, k, v, s_mask, m_i, l_i, acc, scale, P_FP32: tl.constexpr = False):
+    """One key block of the online softmax; s_mask: scores with -inf where a key must not count.
+    P_FP32: multiply the probabilities by V in float32 (decode: memory-bound, so exact is free)
+    rather than rounded to V's dtype (prefill, as flash attention does)."""
     s = dot(q, tl.trans(k)) * scale + s_mask
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+    if P_FP32:
+        acc = acc * alpha[:, None] + dot(p, v.to(tl.float32))
+    else:
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
@@ -167,7 +172,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, ks_ptr, vs_ptr, o_ptr
             k = k.to(tl.float32) * ks
             v = v.to(tl.float32) * vs
         s_mask = _mask_scores(mrow, 0, cols[None, :].to(tl.int64), gm & (cols[None, :] < end), smt, MASK)
-        m_i, l_i, acc = _online_block(q, k.to(q.dtype), v.to(q.dtype), s_mask, m_i, l_i, acc, scale)
+        m_i, l_i, acc = _online_block(q, k.to(q.dtype), v.to(q.dtype), s_mask, m_i, l_i, acc, scale, True)
         i += BLOCK_N
     part = (b * heads + n) * splits + split  # [B, N, splits] partials
     pm = g < group
