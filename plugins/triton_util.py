@@ -7,9 +7,7 @@ imported only when a kernel is used: the CPU runtime and the compiler do not nee
 - `INTERPRET`: true under the interpreter; `dot` works around its one known defect here (triton
   3.6 computes bf16 `tl.dot` wrongly when interpreted; fp32 products of bf16 values are exact),
   and keeps fp32 operands in IEEE fp32 on the GPU (tl.dot's default there is TF32).
-- `use_triton(t)`: whether a tensor should go to a Triton kernel: on CUDA, or on the CPU when
-  interpreting (tests).
-- `launch_grid`, `next_pow2`: small launch helpers.
+(Block sizes come from `mmc.quantization.next_pow2`; the executor decides which kernels run.)
 """
 
 from __future__ import annotations
@@ -29,11 +27,3 @@ def dot(a, b):
     if a.dtype == tl.float32:  # fp32 engines: full fp32 products, not TF32
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
-
-
-def use_triton(t) -> bool:
-    return t.is_cuda or bool(INTERPRET)
-
-
-def next_pow2(n: int, at_least: int = 1) -> int:
-    return max(at_least, triton.next_power_of_2(int(n)))

@@ -111,8 +111,9 @@ def workload_inputs(engine, kind: str, prompt_tokens: int, image_path: Path):
     return p.input_ids, p.pixel_values, p.image_grid_thw
 
 
-def mmc_run(engine, ids, pix, grid, new_tokens: int):
-    """One generation with the engine's own steps; returns the timings (ms) and the tokens."""
+def mmc_run(engine, ids, pix, grid, new_tokens: int, keep_logits: bool = False):
+    """One generation with the engine's own steps; returns the timings (ms), the tokens and, with
+    keep_logits (untimed use), a copy of each step's logits [V]."""
     from mmc.runtime.sampling import SamplingParams
     from mmc.runtime.vision_glue import mrope_positions
 
@@ -137,6 +138,7 @@ def mmc_run(engine, ids, pix, grid, new_tokens: int):
         logits, state = engine._prefill_logits(embeds[None].astype(np.float32), pos[:, None, :], mask)
         tok = engine.select_tokens(logits, greedy, rng)
     tokens = [int(tok[0])]
+    kept = [logits[0].float().clone()] if keep_logits else None  # (decode logits live in the graph's buffer)
     nxt = len(ids) + delta
     with Timer() as td:
         for i in range(new_tokens - 1):
@@ -145,10 +147,12 @@ def mmc_run(engine, ids, pix, grid, new_tokens: int):
             logits, state = engine._decode_logits(tok, p, mask, state)
             tok = engine.select_tokens(logits, greedy, rng)
             tokens.append(int(tok[0]))
+            if keep_logits:
+                kept.append(logits[0].float().clone())
     vision = tv.ms if tv else 0.0
     return {"preprocessing_ms": t_pre, "vision_ms": vision, "prefill_ms": tp.ms,
             "ttft_ms": t_pre + vision + tp.ms, "tpot_ms": td.ms / (new_tokens - 1),
-            "decode_tok_s": (new_tokens - 1) / (td.ms / 1e3)}, tokens
+            "decode_tok_s": (new_tokens - 1) / (td.ms / 1e3)}, tokens, kept
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -194,23 +198,7 @@ def hf_run(model, inputs, new_tokens: int, **gen) -> dict:
 def logits_cosine(engine, models: dict, ids, pix, grid, steps: int = 16) -> dict:
     """Teacher-forced: the engine's prefill + `steps` decode logits against transformers' forward
     over the same tokens (the engine's greedy continuation), per reference model (bf16, fp32)."""
-    _, tokens = mmc_run(engine, ids, pix, grid, steps + 1)
-    from mmc.runtime.vision_glue import mrope_positions
-
-    h = engine.host
-    embeds = engine.embed(ids).copy()
-    if pix is not None:
-        embeds[ids == h["image_token_id"]] = engine.encode_images(pix, grid)
-        pos, delta = mrope_positions(ids, h["image_token_id"], grid, h["spatial_merge_size"])
-    else:
-        pos, delta = np.broadcast_to(np.arange(len(ids)), (3, len(ids))).copy(), 0
-    ours = []
-    logits, state = engine._prefill_logits(embeds[None].astype(np.float32), pos[:, None, :], np.ones((1, len(ids)), dtype=np.int64))
-    ours.append(logits[0].float())
-    for i in range(steps):
-        mask = np.ones((1, len(ids) + i + 1), dtype=np.int64)
-        logits, state = engine._decode_logits(np.array([tokens[i]]), np.full((3, 1, 1), len(ids) + delta + i), mask, state)
-        ours.append(logits[0].float())
+    _, tokens, ours = mmc_run(engine, ids, pix, grid, steps + 1, keep_logits=True)  # step i's logits chose tokens[i]
     full = np.concatenate([ids, np.array(tokens[:steps], dtype=np.int64)])
     out = {}
     refs = {}

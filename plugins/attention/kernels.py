@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_util import dot, next_pow2
+from mmc.quantization import next_pow2
+
+from ..triton_util import dot
 
 NO_MASK, ADD_MASK, BOOL_MASK = 0, 1, 2
 DECODE_SPLITS = 64   # target number of splits per (batch, kv head) over the static cache
@@ -133,7 +135,7 @@ def write_kv(k, v, kbuf, vbuf, pos) -> None:
     bsz, kv_heads, _, d = k.shape
     _write_kv_kernel[(bsz * kv_heads,)](k, v, kbuf, vbuf, pos, kv_heads, d, k.stride(0), k.stride(1),
                                          v.stride(0), v.stride(1), kbuf.stride(0), kbuf.stride(1), kbuf.stride(2),
-                                         BLOCK_D=next_pow2(d))
+                                         BLOCK_D=next_pow2(d, 1))
 
 
 @triton.jit
@@ -217,5 +219,5 @@ def decode_attention(q, kbuf, vbuf, mask, pos, scale: float, k_scale=None, v_sca
         kbuf.stride(0), kbuf.stride(1), kbuf.stride(2), sm[0], sm[1], sm[3],
         MASK=kind, QUANT=quant, BLOCK_G=next_pow2(group, 16), BLOCK_N=block_n, BLOCK_D=next_pow2(d, 16), num_warps=4)
     y = torch.empty(bsz, heads, 1, d, dtype=q.dtype, device=q.device)
-    _combine_kernel[(bsz * heads,)](part, ml, y, splits, d, BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(d))
+    _combine_kernel[(bsz * heads,)](part, ml, y, splits, d, BLOCK_S=next_pow2(splits, 1), BLOCK_D=next_pow2(d, 1))
     return y

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_util import next_pow2
+from mmc.quantization import next_pow2
 
 
 @triton.jit
@@ -49,5 +49,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, skip: torch.Tens
     _rms_norm_kernel[(x2.shape[0],)](
         x2, skip if skip is not None else x2, bias if bias is not None else weight, weight, y,
         s if s is not None else y, h, float(eps), HAS_SKIP=skip is not None, HAS_BIAS=bias is not None,
-        BLOCK=next_pow2(h), num_warps=8 if h >= 2048 else 4)
+        BLOCK=next_pow2(h, 1), num_warps=8 if h >= 2048 else 4)
     return y.view(x.shape), (s.view(x.shape) if s is not None else None)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_util import next_pow2
+from mmc.quantization import next_pow2
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: in
         sx = (0, x.stride(1), x.stride(0), x.stride(2))
         sc = (0, cos.stride(0))
         sy = (0, y.stride(1), y.stride(0))
-    block_h = min(16, next_pow2(heads))
+    block_h = min(16, next_pow2(heads, 1))
     _rotary_kernel[(bsz * seq, triton.cdiv(heads, block_h))](
-        x, cos, sin, y, seq, heads, r, d, *sx, *sc, *sy, BLOCK_H=block_h, BLOCK_D=next_pow2(d))
+        x, cos, sin, y, seq, heads, r, d, *sx, *sc, *sy, BLOCK_H=block_h, BLOCK_D=next_pow2(d, 1))
     return y
