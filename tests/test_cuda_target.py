@@ -73,6 +73,14 @@ def test_max_seq_len_is_enforced(cuda_fp32):
         eng.generate("The quick brown fox jumps over the lazy dog", max_new_tokens=20)
 
 
+def test_unknown_kernels_is_one_clear_error(cuda_fp32):
+    from mmc.errors import MmcError
+    from mmc.runtime import load
+
+    with pytest.raises(MmcError, match="unknown kernels 'fast'"):
+        load(cuda_fp32, device="cpu", kernels="fast")
+
+
 def test_bf16_engine_generates_the_trained_phrase(tiny_dir, tmp_path, engine_all):
     out = tmp_path / "bf16.mmc"
     run_mmc("compile", tiny_dir, "--target", "cuda", "-o", out, "-q")

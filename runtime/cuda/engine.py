@@ -26,7 +26,7 @@ from mmc.errors import MmcError, first_line
 from .. import engine_format as fmt
 from ..engine import BaseEngine
 from ..sampling import SamplingParams, select
-from .executor import KERNELS, TORCH_DTYPES, Executor, StaticCache
+from .executor import TORCH_DTYPES, Executor, StaticCache
 
 DEFAULT_MAX_SEQ_LEN = 1024
 
@@ -67,8 +67,6 @@ class CudaEngine(BaseEngine):
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN, cuda_graphs: bool = True, kernels: str = "auto"):
         super().__init__(path, verify)
         self.device = _device(device)
-        if kernels not in KERNELS:
-            raise MmcError(f"unknown kernels {kernels!r} (one of {', '.join(KERNELS)})")
         if max_seq_len < 2:
             raise MmcError(f"max_seq_len must be >= 2 (got {max_seq_len})")
         self.max_seq_len = max_seq_len

@@ -56,15 +56,17 @@ KERNELS = ("auto", "triton", "torch")
 
 
 def use_triton(kernels: str, device: torch.device) -> bool:
+    from mmc.errors import MmcError
+
     if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r} (one of {', '.join(KERNELS)})")
+        raise MmcError(f"unknown kernels {kernels!r} (one of {', '.join(KERNELS)})")
     if kernels == "torch":
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
         if kernels == "triton":
-            raise
+            raise MmcError("kernels 'triton' needs the triton package (pip install triton)") from None
         return False
     return kernels == "triton" or device.type == "cuda"
 
