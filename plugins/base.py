@@ -31,7 +31,9 @@ class FusedOp:
     def torch_reference(self, inputs: list, attrs: dict) -> list:
         raise NotImplementedError
 
-    def triton_kernel(self, inputs: list, attrs: dict) -> list | None:
+    writes_out = False  # whether triton_kernel takes `out` (buffers for its results, None entries allowed)
+
+    def triton_kernel(self, inputs: list, attrs: dict, out: list | None = None) -> list | None:
         return None
 
 

@@ -7,6 +7,7 @@ imported only when a kernel is used: the CPU runtime and the compiler do not nee
 - `INTERPRET`: true under the interpreter; `dot` works around its one known defect here (triton
   3.6 computes bf16 `tl.dot` wrongly when interpreted; fp32 products of bf16 values are exact),
   and keeps fp32 operands in IEEE fp32 on the GPU (tl.dot's default there is TF32).
+`output` gives a kernel the memory the executor planned for its result, where it plans one.
 (Block sizes come from `mmc.quantization.next_pow2`; the executor decides which kernels run.)
 """
 
@@ -18,6 +19,16 @@ import triton
 import triton.language as tl
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def output(out, i: int, shape, dtype, device):
+    """A kernel's i-th result buffer: the one the executor gives (a view of its activation arena,
+    runtime/cuda/memory_plan.py) or a new tensor."""
+    import torch
+
+    if out is not None and i < len(out) and out[i] is not None:
+        return out[i].view(shape)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit

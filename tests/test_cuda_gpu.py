@@ -32,12 +32,24 @@ def test_gpu_fp32_greedy_tokens_identical_to_onnx_runtime(cuda_engine, engine_al
 
 
 def test_cuda_graph_replay_equals_eager(cuda_engine, images):
+    """Vision (a graph per image shape), prefill (a graph per padded length bucket) and decode
+    replayed from graphs give the eager engine's tokens; a second prompt of the same bucket and
+    the same image shape reuses the graphs."""
     from mmc.runtime import load
 
     graphs = load(cuda_engine, device="cuda", max_seq_len=128)
     eager = load(cuda_engine, device="cuda", max_seq_len=128, cuda_graphs=False)
+    assert graphs.prefill_buckets and not eager.prefill_buckets
     for prompt in ("The quick brown", "Vision language models"):
         assert graphs.generate(prompt, max_new_tokens=20).token_ids == eager.generate(prompt, max_new_tokens=20).token_ids
+    assert len(graphs._graphed["decoder"].graphs) == 1  # both prompts pad to 64
+    for prompt in ("Describe the picture.", "What is in this image?"):
+        assert graphs.generate(prompt, images=[images["odd"]], max_new_tokens=12).token_ids == \
+            eager.generate(prompt, images=[images["odd"]], max_new_tokens=12).token_ids
+    assert len(graphs._graphed["vision"].graphs) == 1
+    batch = ["Hi", "The quick brown fox jumps over"]
+    assert [r.token_ids for r in graphs.generate(batch, max_new_tokens=8)] == \
+        [r.token_ids for r in eager.generate(batch, max_new_tokens=8)]
 
 
 def test_gpu_bf16_engine(tiny_dir, tmp_path, engine_all):

@@ -64,6 +64,43 @@ def test_greedy_tokens_identical_to_onnx_runtime(cuda_fp32, engine_all, images):
         [r.token_ids for r in ort.generate(batch, max_new_tokens=8)]
 
 
+def test_prefill_buckets_pad_the_prompt_exactly(cuda_fp32, engine_all, images):
+    """What the GPU does for its prefill graphs, on the CPU: the prompt left-padded to its length
+    bucket (masked pad slots that stay in the cache) gives the ORT target's tokens, for text, an
+    image and a left-padded batch, and a sequence still reaches max_seq_len itself."""
+    from mmc.runtime import load
+    from mmc.runtime.cuda.engine import pad_room, prefill_bucket
+
+    assert [prefill_bucket(s) for s in (1, 64, 65, 1024, 1025, 4000)] == [64, 64, 128, 1024, 1280, 4096]
+    assert pad_room(1025) == 63 and pad_room(1026) == 255
+    padded, ort = load(cuda_fp32, device="cpu", max_seq_len=96, prefill_buckets=True), load(engine_all, device="cpu")
+    assert padded.cache_len == 96 + 63
+    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
+        assert padded.generate(prompt, images=imgs, max_new_tokens=12).token_ids == \
+            ort.generate(prompt, images=imgs, max_new_tokens=12).token_ids
+    batch = ["Hi", "The quick brown fox jumps over"]
+    assert [r.token_ids for r in padded.generate(batch, max_new_tokens=8)] == \
+        [r.token_ids for r in ort.generate(batch, max_new_tokens=8)]
+    ids = padded.processor.prepare("The quick brown", []).input_ids
+    _, state = padded._prefill_logits(padded.embed(ids)[None].copy(), _positions(len(ids)), _ones(len(ids)))
+    assert state["pad"] == 64 - len(ids)
+    n = 96 - len(ids) + 1  # the last decode step sees max_seq_len tokens
+    assert padded.generate("The quick brown", max_new_tokens=n).token_ids == \
+        ort.generate("The quick brown", max_new_tokens=n).token_ids
+
+
+def _positions(n):
+    import numpy as np
+
+    return np.broadcast_to(np.arange(n), (3, 1, n)).copy()
+
+
+def _ones(n):
+    import numpy as np
+
+    return np.ones((1, n), dtype=np.int64)
+
+
 def test_max_seq_len_is_enforced(cuda_fp32):
     from mmc.errors import MmcError
     from mmc.runtime import load

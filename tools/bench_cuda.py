@@ -80,17 +80,19 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / statistics.median(ts[2:]) / 1e6
 
 
-def build(preset: str, workdir: Path, modes: list[str]) -> dict[str, Path]:
+def build(preset: str, workdir: Path, modes: list[str], layers: int | None = None) -> dict[str, Path]:
+    """The checkpoint (truncated to `layers`, see build_checkpoint) and one engine per mode."""
     from mmc.api import compile_model
     from mmc.models.qwen2_5_vl.presets import build_checkpoint
 
-    ckpt = workdir / preset
+    name = f"{preset}-{layers}l" if layers else preset
+    ckpt = workdir / name
     if not (ckpt / "config.json").exists():
         _log(f"building checkpoint {ckpt}")
-        build_checkpoint(preset, ckpt)
+        build_checkpoint(preset, ckpt, layers=layers)
     engines = {}
     for mode in modes:
-        out = workdir / f"{preset}-{mode}.mmc"
+        out = workdir / f"{name}-{mode}.mmc"
         if not (out / "manifest.json").exists():
             _log(f"compiling {out.name}")
             t = time.time()

@@ -149,8 +149,11 @@ def train_decoder(model, tok, steps: int, lr: float = 3e-3, seed: int = 0) -> fl
     return float(loss.detach())
 
 
-def build_checkpoint(name: str, out_dir: str | Path) -> Path:
-    """Write preset `name` as a Hugging Face checkpoint directory at `out_dir` and return it."""
+def build_checkpoint(name: str, out_dir: str | Path, layers: int | None = None) -> Path:
+    """Write preset `name` as a Hugging Face checkpoint directory at `out_dir` and return it.
+    `layers` truncates the decoder to that many layers and the vision tower to as many blocks
+    (full attention in the blocks the preset gives it, and in the last): real widths at a
+    fraction of the size, for profiling per-layer costs (tools/profile_cuda.py)."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -166,8 +169,13 @@ def build_checkpoint(name: str, out_dir: str | Path) -> Path:
     vocab = len(tok) if tiny else REAL_VOCAB
     text = dict(preset.text, vocab_size=vocab, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"])
+    vision = dict(preset.vision)
+    if layers:
+        text["num_hidden_layers"] = layers
+        full = [i for i in vision["fullatt_block_indexes"] if i < layers - 1]
+        vision.update(depth=layers, fullatt_block_indexes=full + [layers - 1])
     config = Qwen2_5_VLConfig(
-        text_config=text, vision_config=dict(preset.vision),
+        text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=preset.tie_word_embeddings,

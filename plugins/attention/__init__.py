@@ -71,12 +71,15 @@ class Attention(FusedOp):
         """The cuda target's reference kernel (torch; scores and softmax in float32, as sdpa)."""
         return torch_cached_attention(inputs, attrs, torch_attend)
 
-    def triton_kernel(self, inputs, attrs):
+    writes_out = True
+
+    def triton_kernel(self, inputs, attrs, out=None):
         """Prefill / vision: the flash kernel over cat(past, new) (decode over a static cache is
         the executor's: write_kv + decode_attention)."""
         from .kernels import flash_attention
 
-        return torch_cached_attention(inputs, attrs, lambda q, k, v, mask, a: flash_attention(q, k, v, mask, a["scale"]))
+        return torch_cached_attention(inputs, attrs,
+                                      lambda q, k, v, mask, a: flash_attention(q, k, v, mask, a["scale"], out))
 
     def infer(self, node):
         q, k = node.inputs[0], node.inputs[1]

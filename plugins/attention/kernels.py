@@ -24,7 +24,7 @@ import triton.language as tl
 
 from mmc.quantization import next_pow2
 
-from ..triton_util import dot
+from ..triton_util import dot, output
 
 NO_MASK, ADD_MASK, BOOL_MASK = 0, 1, 2
 DECODE_SPLITS = 64   # target number of splits per (batch, kv head) over the static cache
@@ -99,12 +99,13 @@ def _flash_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, seq_q, seq_k, heads, gro
     tl.store(o_ptr + ((b * heads + n) * seq_q + rows[:, None]) * head_dim + d[None, :], y.to(q.dtype), mask=rm & dm)
 
 
-def flash_attention(q, k, v, mask, scale: float) -> torch.Tensor:
-    """q [B, N, S, D]; k, v [B, KV, T, D]; mask bool/additive broadcastable to [B, N, S, T] -> [B, N, S, D]."""
+def flash_attention(q, k, v, mask, scale: float, out=None) -> torch.Tensor:
+    """q [B, N, S, D]; k, v [B, KV, T, D]; mask bool/additive broadcastable to [B, N, S, T] -> [B, N, S, D]
+    (into out[0] where given)."""
     bsz, heads, seq_q, d = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     m, kind, sm = _mask_args(mask, (bsz, heads, seq_q, seq_k))
-    out = torch.empty(bsz, heads, seq_q, d, dtype=q.dtype, device=q.device)
+    out = output(out, 0, (bsz, heads, seq_q, d), q.dtype, q.device)
     block_d = next_pow2(d, 16)
     block_m = 64 if seq_q > 32 else 16
     block_n = 64 if block_d <= 64 else 32

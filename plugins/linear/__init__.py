@@ -72,10 +72,13 @@ class WeightOnlyMatMul(FusedOp):
             wf = codes * scale.float().repeat_interleave(attrs["group_size"], dim=1)[:, : codes.shape[1]]
         return [x @ wf.to(x.dtype).T]
 
-    def triton_kernel(self, inputs, attrs):
+    writes_out = True
+
+    def triton_kernel(self, inputs, attrs, out=None):
         from .kernels import weight_only_matmul
 
-        return [weight_only_matmul(inputs[0], inputs[1], inputs[2], attrs["bits"], attrs.get("group_size", 0))]
+        return [weight_only_matmul(inputs[0], inputs[1], inputs[2], attrs["bits"], attrs.get("group_size", 0),
+                                   out=out)]
 
     def infer(self, node):
         xs, ws = shape_of(node.inputs[0]), shape_of(node.inputs[1])

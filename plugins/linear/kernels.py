@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_util import dot
+from ..triton_util import dot, output
 
 SMS_TARGET = 264  # ~2 programs per SM on an H100 (132 SMs)
 
@@ -81,7 +81,7 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, sxm, n_groups, group, k_p
     tl.store(out, acc, mask=mm & (rn[None, :] < N))
 
 
-DECODE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+DECODE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of the H100 sweep (tools/bench_kernels.py)
 PREFILL = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
 
 
@@ -96,7 +96,7 @@ def config(m: int, n: int, k_loop: int, decode: dict | None = None) -> dict:
 
 
 def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bits: int, group: int = 0,
-                       decode: dict | None = None) -> torch.Tensor:
+                       decode: dict | None = None, out=None) -> torch.Tensor:
     """x [..., K] @ Ŵ -> [..., N]; w int8 [N, K] or packed uint8 [N, K/2] (see plugins/linear)."""
     n = w.shape[0]
     k = w.shape[1] * (2 if bits == 4 else 1)
@@ -114,4 +114,6 @@ def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bi
                       GROUP_ALIGNED=bits == 4 and (k // 2) % group == 0 and group % cfg["BLOCK_K"] == 0
                       and k_per_split % cfg["BLOCK_K"] == 0, **cfg)
     y = part[0] if splits == 1 else part.sum(0)
+    if out is not None and out[0] is not None:
+        return output(out, 0, (*x.shape[:-1], n), x.dtype, x.device).copy_(y.view(*x.shape[:-1], n))
     return y.to(x.dtype).view(*x.shape[:-1], n)

@@ -59,10 +59,12 @@ class RMSNorm(FusedOp):
     def torch_reference(self, inputs, attrs):
         return [_torch_rms(inputs[0], inputs[1], attrs["epsilon"])]
 
-    def triton_kernel(self, inputs, attrs):
+    writes_out = True
+
+    def triton_kernel(self, inputs, attrs, out=None):
         from .kernels import rms_norm
 
-        return [rms_norm(inputs[0], inputs[1], attrs["epsilon"])[0]]
+        return [rms_norm(inputs[0], inputs[1], attrs["epsilon"], out=out)[0]]
 
     def infer(self, node):
         return [(dtype_of(node.inputs[0]), shape_of(node.inputs[0]))]
@@ -98,13 +100,15 @@ class SkipRMSNorm(FusedOp):
             s = s + inputs[3]
         return [_torch_rms(s, inputs[2], attrs["epsilon"]), s]
 
-    def triton_kernel(self, inputs, attrs):
+    writes_out = True
+
+    def triton_kernel(self, inputs, attrs, out=None):
         from .kernels import rms_norm
 
         x, skip, w = inputs[:3]
         if skip.shape != x.shape:
             return None
-        return list(rms_norm(x, w, attrs["epsilon"], skip, inputs[3] if len(inputs) > 3 else None))
+        return list(rms_norm(x, w, attrs["epsilon"], skip, inputs[3] if len(inputs) > 3 else None, out))
 
     def infer(self, node):
         t = (dtype_of(node.inputs[0]), shape_of(node.inputs[0]))

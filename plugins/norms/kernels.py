@@ -17,6 +17,8 @@ import triton.language as tl
 
 from mmc.quantization import next_pow2
 
+from ..triton_util import output
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, skip_ptr, bias_ptr, w_ptr, y_ptr, sum_ptr, n_cols, eps,
@@ -37,15 +39,16 @@ def _rms_norm_kernel(x_ptr, skip_ptr, bias_ptr, w_ptr, y_ptr, sum_ptr, n_cols, e
     tl.store(y_ptr + row * n_cols + cols, ((xf * r).to(dt).to(tl.float32) * w).to(dt), mask=m)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, skip: torch.Tensor | None = None,
-             bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [..., H] (skip the same shape) -> (y [..., H], s = x + skip (+ bias), or None without skip)."""
+             bias: torch.Tensor | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., H] (skip the same shape) -> (y [..., H], s = x + skip (+ bias), or None without skip);
+    out: [y, s] buffers to write (either None)."""
     h = x.shape[-1]
     x2 = x.reshape(-1, h).contiguous()
-    y = torch.empty_like(x2)
+    y = output(out, 0, x2.shape, x.dtype, x.device)
     s = None
     if skip is not None:
         skip = skip.reshape(-1, h).to(x.dtype).contiguous()
-        s = torch.empty_like(x2)
+        s = output(out, 1, x2.shape, x.dtype, x.device)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, skip if skip is not None else x2, bias if bias is not None else weight, weight, y,
         s if s is not None else y, h, float(eps), HAS_SKIP=skip is not None, HAS_BIAS=bias is not None,

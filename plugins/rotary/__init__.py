@@ -54,14 +54,16 @@ class RotaryEmbedding(FusedOp):
         y = xr * cos + rot * sin
         return [torch.cat([y, x[..., r:]], dim=-1) if r < x.shape[-1] else y]
 
-    def triton_kernel(self, inputs, attrs):
+    writes_out = True
+
+    def triton_kernel(self, inputs, attrs, out=None):
         from .kernels import rotary
 
         x, cos, sin = inputs
         layout = attrs.get("layout", "bnsd")
         if cos.shape != sin.shape or cos.dim() != (3 if layout == "bnsd" else 2):
             return None
-        return [rotary(x, cos, sin, attrs.get("rotary_dim", 0), layout)]
+        return [rotary(x, cos, sin, attrs.get("rotary_dim", 0), layout, out)]
 
     def infer(self, node):
         return [(dtype_of(node.inputs[0]), shape_of(node.inputs[0]))]

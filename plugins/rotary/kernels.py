@@ -19,6 +19,8 @@ import triton.language as tl
 
 from mmc.quantization import next_pow2
 
+from ..triton_util import output
+
 
 @triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, seq, heads, rot_dim, head_dim,
@@ -48,11 +50,11 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, seq, heads, rot_dim, head_dim
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int = 0,
-           layout: str = "bnsd") -> torch.Tensor:
+           layout: str = "bnsd", out=None) -> torch.Tensor:
     """x [B, N, S, D] with cos/sin [B, S, R] ("bnsd"), or x [S, N, D] with cos/sin [S, R] ("snd")."""
     d = x.shape[-1]
     r = rotary_dim or d
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = output(out, 0, x.shape, x.dtype, x.device)
     cos, sin = cos.contiguous(), sin.contiguous()
     if layout == "bnsd":
         bsz, heads, seq = x.shape[:3]

@@ -53,12 +53,14 @@ class SwiGLU(FusedOp):
         act = F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh" if kind == "gelu_tanh" else "none")
         return [act * up]
 
-    def triton_kernel(self, inputs, attrs):
+    writes_out = True
+
+    def triton_kernel(self, inputs, attrs, out=None):
         from .kernels import swiglu
 
         if len(inputs) == 2 and inputs[0].shape != inputs[1].shape:
             return None
-        return [swiglu(inputs[0], inputs[1] if len(inputs) == 2 else None, attrs.get("activation", "silu"))]
+        return [swiglu(inputs[0], inputs[1] if len(inputs) == 2 else None, attrs.get("activation", "silu"), out)]
 
     def infer(self, node):
         shape = shape_of(node.inputs[0])

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_util import output
+
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
@@ -34,7 +36,7 @@ def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n_cols, g_row_stride, u_row_stride, ACT:
     tl.store(y_ptr + row * n_cols + cols, (a.to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, activation: str = "silu", out=None) -> torch.Tensor:
     """gate_up [..., 2I] (up None) or gate, up [..., I] -> y [..., I]."""
     if up is None:
         width = gate.shape[-1] // 2
@@ -47,7 +49,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, activation: str =
         gs_, us = width, width
         lead = gate.shape[:-1]
     rows = g.shape[0]
-    y = torch.empty(rows, width, dtype=gate.dtype, device=gate.device)
+    y = output(out, 0, (rows, width), gate.dtype, gate.device)
     block = min(1024, triton.next_power_of_2(width))
     _swiglu_kernel[(rows, triton.cdiv(width, block))](g, u, y, width, gs_, us, ACT=ACTS[activation], BLOCK=block)
     return y.view(*lead, width)

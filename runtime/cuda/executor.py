@@ -10,6 +10,11 @@ Host steps (shape arithmetic) depend on input shapes only: their values, and the
 of host values that device steps read, are kept per input-shape bucket, so a later run of the
 same bucket — and a CUDA graph capture of it — executes device steps alone.
 
+arena (default on): the first run of a bucket records every activation's size and which values
+view which (runtime/cuda/memory_plan.py); later runs hand each step whose kernel can write into
+given memory a view of one arena buffer at its planned offset, shared by values whose lifetimes
+do not overlap. `memory()` reports each bucket's arena against the sum of its activations.
+
 kernels: "triton" runs the plugins' Triton kernels (plugins/<op>/kernels.py) for mmc ops, the
 static-cache decode attention (write_kv + split-KV decode_attention) and weight-only GEMMs;
 "torch" runs their torch references (sdpa for attention on CUDA); "auto" (default) is triton
@@ -22,11 +27,13 @@ casts cos/sin to the activation dtype); Cast to float keeps an activation in the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .onnx_ops import DTYPES, HOST_ARGS, OPS
+from .memory_plan import lifetimes, plan_offsets
+from .onnx_ops import DTYPES, HOST_ARGS, OPS, OUT_OPS
 
 PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # engine precision -> dtype name
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -73,7 +80,7 @@ def use_triton(kernels: str, device: torch.device) -> bool:
 
 class Executor:
     def __init__(self, plan: dict, constants: dict[str, torch.Tensor], device: str | torch.device,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", arena: bool = True):
         from mmc.plugins import OPS as MMC_OPS
 
         self.plan, self.device = plan, torch.device(device)
@@ -83,6 +90,12 @@ class Executor:
         self.attrs = [{k: _attr(v) for k, v in s["attrs"].items()} for s in self.steps]
         self.kernels = [_mmc_kernel(MMC_OPS[s["op"]], self.triton) if s["domain"] == "mmc" else OPS[s["op"]]
                         for s in self.steps]
+        # kernels that write into given memory: the arena's candidates
+        self.out_kernels = [(self.kernels[i] if self.triton and MMC_OPS[s["op"]].writes_out else None)
+                            if s["domain"] == "mmc" else OUT_OPS.get(s["op"]) for i, s in enumerate(self.steps)]
+        self.use_arena = arena
+        self._arena: torch.Tensor | None = None
+        self.last_read = {n: i for i, s in enumerate(self.steps) for n in s["inputs"] if n}
         self.constants = {}
         for name, spec in plan["constants"].items():
             t = constants[name]
@@ -92,6 +105,7 @@ class Executor:
             o for s in self.steps if s["place"] == "host" for o in s["outputs"] if o}
         self.output_names = [o["name"] for o in plan["outputs"]]
         self._buckets: dict[tuple, dict] = {}
+        self.trace = False  # label each device step "op:<domain.op>" for torch.profiler (tools/profile_cuda.py)
 
     # ---- one run ----------------------------------------------------------------------------
     def run(self, feeds: dict[str, torch.Tensor], cache: StaticCache | None = None,
@@ -109,6 +123,9 @@ class Executor:
             bucket = {"host": {}, "uploads": {}}
         else:
             env.update(bucket["host"])
+        planned = bucket.get("arena")  # value -> its view of the arena
+        casts: dict[str, torch.Tensor] = {}  # float32 value -> its engine-precision copy, made once per run
+        events, meta = ([], {}) if fresh and self.use_arena else (None, None)
         for i, (s, attrs) in enumerate(zip(self.steps, self.attrs)):
             if s["place"] == "host":
                 if not fresh:
@@ -121,21 +138,67 @@ class Executor:
             host_args = HOST_ARGS.get(s["op"], ()) if not s["domain"] else ()
             ins = [None if not n else env[n] if j in host_args else self._device_input(env, n, bucket)
                    for j, n in enumerate(s["inputs"])]
-            if i in self.cache_steps and cache is not None:
-                outs = self._static_attention(ins, attrs, cache, i)
+            out = [planned.get(n) for n in s["outputs"]] if planned else None
+            if self.trace:
+                with torch.profiler.record_function(f"op:{s['domain'] + '.' if s['domain'] else ''}{s['op']}"):
+                    outs = self._step(s, ins, attrs, i, cache, out, casts)
             else:
-                outs = self._device_step(s, ins, attrs, i)
+                outs = self._step(s, ins, attrs, i, cache, out, casts)
             # a device step's results live on the device, even where a kernel built a small host tensor
             outs = [o.to(self.device) if o is not None and o.device != self.device else o for o in outs]
+            if events is not None:
+                self._record(events, meta, i, s, ins, outs)
             for n, t in zip(s["outputs"], outs):
                 if n:
                     env[n] = t
             for n in s["free"]:
                 env.pop(n, None)
         if fresh:
+            if events is not None:
+                self._plan_arena(bucket, events, meta)
             self._buckets[key] = bucket
         wanted = outputs or tuple(n for n in self.output_names if not (cache is not None and n.startswith("present_")))
         return {n: env[n] for n in wanted}
+
+    def _step(self, s, ins, attrs, i, cache, out, casts):
+        if i in self.cache_steps and cache is not None:
+            return self._static_attention(ins, attrs, cache, i)
+        return self._device_step(s, ins, attrs, i, out, casts)
+
+    # ---- the activation arena -----------------------------------------------------------------
+    def _record(self, events, meta, i, s, ins, outs):
+        """What the step's outputs are: a view of one of its inputs, fresh memory its kernel could
+        have written into given memory (planned), or neither (left to the allocator)."""
+        inputs = {t.untyped_storage().data_ptr(): n for n, t in zip(s["inputs"], ins)
+                  if n and isinstance(t, torch.Tensor) and t.numel()}
+        for n, t in zip(s["outputs"], outs):
+            if not n or t is None or not t.numel():
+                continue
+            base = inputs.get(t.untyped_storage().data_ptr())
+            if base is not None:
+                events.append((i, n, 0, base))
+            elif self.out_kernels[i] is not None and t.is_contiguous() and t.device == self.device:
+                events.append((i, n, t.numel() * t.element_size(), None))
+                meta[n] = (tuple(t.shape), t.dtype)
+
+    def _plan_arena(self, bucket, events, meta):
+        plan = plan_offsets(lifetimes(events, self.last_read, keep=set(self.output_names)))
+        if self._arena is None or self._arena.numel() < plan.arena_bytes:
+            # a new, larger arena; buckets planned before keep (and their graphs use) the old one
+            self._arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device)
+        views = {}
+        for n, off in plan.offsets.items():
+            shape, dtype = meta[n]
+            nbytes = math.prod(shape) * dtype.itemsize
+            views[n] = self._arena[off:off + nbytes].view(dtype).view(shape)
+        bucket["arena"], bucket["memory"] = views, plan
+
+    def memory(self) -> list[dict]:
+        """Per planned bucket: arena bytes, the sum of its planned activations' bytes, the most
+        bytes live at one step (the lower bound) and how many values the arena holds."""
+        return [{"bucket": k, "values": len(b["memory"].offsets), "arena_bytes": b["memory"].arena_bytes,
+                 "total_bytes": b["memory"].total_bytes, "peak_live_bytes": b["memory"].peak_live_bytes}
+                for k, b in self._buckets.items() if "memory" in b]
 
     def _device_input(self, env, name, bucket):
         t = env[name]
@@ -148,15 +211,27 @@ class Executor:
             return up
         return t
 
-    def _device_step(self, s, ins, attrs, i):
+    def _device_step(self, s, ins, attrs, i, out=None, casts=None):
         if s["op"] == "Cast" and not s["domain"] and ins[0].is_floating_point() and \
                 DTYPES[attrs["to"]] == torch.float32 and ins[0].dtype == self.dtype:
             return [ins[0]]  # float32 in the exported graph means "the model's float dtype"
         floats = [t for t in ins if t is not None and t.is_floating_point()]
         if self.dtype != torch.float32 and any(t.dtype == self.dtype for t in floats) \
                 and any(t.dtype == torch.float32 for t in floats) and s["op"] not in _KEEP_FLOAT32:
-            ins = [t.to(self.dtype) if t is not None and t.dtype == torch.float32 else t for t in ins]
+            casts = {} if casts is None else casts
+            ins = [self._narrowed(n, t, casts) for n, t in zip(s["inputs"], ins)]
+        if out is not None and any(o is not None for o in out):
+            return self.out_kernels[i](ins, attrs, out)
         return self.kernels[i](ins, attrs)
+
+    def _narrowed(self, name, t, casts):
+        """A float32 input in the engine precision; the same table (rotary cos/sin) is read by
+        every layer, so each value is cast once per run."""
+        if t is None or t.dtype != torch.float32:
+            return t
+        if name not in casts:
+            casts[name] = t.to(self.dtype)
+        return casts[name]
 
     def _static_attention(self, ins, attrs, cache: StaticCache, i):
         from mmc.plugins.attention import torch_dequantize_kv, torch_quantize_kv
@@ -182,13 +257,14 @@ class Executor:
 
 
 def _mmc_kernel(op, triton: bool):
-    """An mmc op's kernel: its Triton kernel where one applies, else the torch path (Attention:
-    the reference's cache handling around the device's attention, sdpa on CUDA)."""
-    def run(ins, attrs):
+    """An mmc op's kernel: its Triton kernel where one applies (writing into `out` where given),
+    else the torch path (Attention: the reference's cache handling around the device's attention,
+    sdpa on CUDA)."""
+    def run(ins, attrs, out=None):
         if triton:
-            out = op.triton_kernel(ins, attrs)
-            if out is not None:
-                return out
+            res = op.triton_kernel(ins, attrs, out) if out is not None else op.triton_kernel(ins, attrs)
+            if res is not None:
+                return res
         if op.name == "Attention":
             from mmc.plugins.attention import torch_cached_attention
 

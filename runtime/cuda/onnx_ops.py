@@ -284,7 +284,7 @@ def _bshape(scale, x, attrs):
 
 
 def _pow(a, b):
-    if b.numel() == 1 and b.item() == 2:
+    if b.numel() == 1 and b.device.type == "cpu" and b.item() == 2:  # (never a device sync: CUDA graphs)
         return a * a
     return torch.pow(a, b)
 
@@ -317,6 +317,39 @@ OPS = {
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(lambda x, dim, keepdim: torch.amax(x, dim=dim, keepdim=keepdim)),
     "DequantizeLinear": _dequantize, "QuantizeLinear": _quantize,
+}
+
+
+def _gemm_out(ins, attrs, out):
+    a, b = ins[0], ins[1]
+    a = a.transpose(-1, -2) if attrs.get("transA", 0) else a
+    b = b.transpose(-1, -2) if attrs.get("transB", 0) else b
+    y = torch.matmul(a, b, out=out[0])
+    if attrs.get("alpha", 1.0) != 1.0:
+        y.mul_(attrs["alpha"])
+    if len(ins) > 2 and ins[2] is not None:
+        y.add_(ins[2], alpha=attrs.get("beta", 1.0))
+    return [y]
+
+
+def _into(fn):
+    """An elementwise / GEMM kernel writing its one result into the given memory."""
+    return lambda ins, attrs, out: [fn(*ins, out=out[0])]
+
+
+# kernels that write into memory the executor gives them (the activation arena,
+# runtime/cuda/memory_plan.py); the same results as OPS in the dtypes and shapes a first run
+# recorded. Cast is here for dtype changes only (a same-dtype Cast is a view, never planned).
+OUT_OPS = {
+    "MatMul": _into(torch.matmul), "Gemm": _gemm_out,
+    "Add": _into(torch.add), "Sub": _into(torch.sub), "Mul": _into(torch.mul),
+    "Neg": _into(torch.neg), "Sqrt": _into(torch.sqrt), "Reciprocal": _into(torch.reciprocal),
+    "Exp": _into(torch.exp), "Tanh": _into(torch.tanh), "Erf": _into(torch.erf), "Sigmoid": _into(torch.sigmoid),
+    "Sin": _into(torch.sin), "Cos": _into(torch.cos),
+    "Where": _into(torch.where),
+    "Concat": lambda ins, attrs, out: [torch.cat([t for t in ins if t is not None and (t.numel() or t.dim() > 1)]
+                                                 or [ins[0]], dim=attrs["axis"], out=out[0])],
+    "Cast": lambda ins, attrs, out: [out[0].copy_(ins[0])],
 }
 
 
