@@ -120,6 +120,8 @@ def profile_engine(engine, ids_text, image_inputs) -> dict:
             r |= traced(executor, fn)
             engine.cuda_graphs = graphs
             out[name] = r
+    out["arena"] = {c: [dict(m, bucket=str(m["bucket"])) for m in ex.memory()] for c, ex in (("decoder", dec), ("vision", vis))
+                    if ex is not None}
     return out
 
 
@@ -162,7 +164,12 @@ def main(argv=None) -> int:
         r = report["engines"][mode] = profile_engine(engine, text, img)
         print(f"\n##### {mode} ({args.preset}, {args.layers or 'all'} layers)")
         for name, v in r.items():
-            _print(name, v)
+            if name != "arena":
+                _print(name, v)
+        for comp, buckets in r["arena"].items():
+            for m in buckets:
+                print(f"  arena {comp} {m['bucket'][:60]}: {m['values']} values, {m['arena_bytes'] / 2**20:.1f} MiB "
+                      f"(sum {m['total_bytes'] / 2**20:.1f} MiB, peak live {m['peak_live_bytes'] / 2**20:.1f} MiB)")
         del engine
         torch.cuda.empty_cache()
     if args.json:
