@@ -45,7 +45,9 @@ def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, seq, heads, rot_dim, head_dim
     sinf = sin.to(x.dtype).to(tl.float32)[None, :]
     sign = tl.where(d < half, -1.0, 1.0)[None, :]
     xf = x.to(tl.float32)
-    y = tl.where(in_rot[None, :], xf * cosf + sign * xp * sinf, xf)
+    # transformers' rounding points: x*cos and rotate_half(x)*sin each rounded to x's dtype, then summed
+    rot = (xf * cosf).to(x.dtype).to(tl.float32) + (sign * xp * sinf).to(x.dtype).to(tl.float32)
+    y = tl.where(in_rot[None, :], rot, xf)
     tl.store(y_ptr + b * syb + s * sys_ + h[:, None].to(tl.int64) * syn + d[None, :], y.to(x.dtype), mask=hm & dm)
 
 
