@@ -50,6 +50,14 @@ def test_cuda_graph_replay_equals_eager(cuda_engine, images):
     batch = ["Hi", "The quick brown fox jumps over"]
     assert [r.token_ids for r in graphs.generate(batch, max_new_tokens=8)] == \
         [r.token_ids for r in eager.generate(batch, max_new_tokens=8)]
+    # the graphs ran from the activation arena (Triton kernels and cuBLAS writing into it)
+    assert graphs.decoder.triton and all(m["values"] > 10 for m in graphs.decoder.memory() + graphs.vision.memory())
+    plain = load(cuda_engine, device="cuda", max_seq_len=128)
+    plain.decoder.use_arena = plain.vision.use_arena = False
+    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
+        assert graphs.generate(prompt, images=imgs, max_new_tokens=12).token_ids == \
+            plain.generate(prompt, images=imgs, max_new_tokens=12).token_ids
+    assert plain.decoder.memory() == []
 
 
 def test_gpu_bf16_engine(tiny_dir, tmp_path, engine_all):

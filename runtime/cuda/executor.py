@@ -84,6 +84,8 @@ class Executor:
         from mmc.plugins import OPS as MMC_OPS
 
         self.plan, self.device = plan, torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" -> "cuda:N": tensors report an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = TORCH_DTYPES[PRECISIONS[plan["precision"]]]
         self.triton = use_triton(kernels, self.device)
         self.steps = plan["steps"]
