@@ -17,6 +17,14 @@ if not torch.cuda.is_available():  # the plugins' Triton kernels run interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def needs_interpreted_triton() -> None:
+    """Skip a test that runs the Triton kernels on CPU tensors unless they run interpreted (on a
+    GPU machine they are compiled for the GPU; tests/test_cuda_gpu.py covers them there)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set when there is no GPU)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     os.environ["MMC_CACHE"] = str(tmp_path_factory.mktemp("mmc-cache"))

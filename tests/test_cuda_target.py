@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_mmc
+from conftest import needs_interpreted_triton, run_mmc
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_prefill_projects_only_the_last_position(cuda_fp32):
 def test_triton_kernels_interpreted_match_onnx_runtime(cuda_fp32, engine_all, images):
     """The same plan with every mmc op, the static-cache decode attention and the sampling on the
     plugins' Triton kernels (interpreted on this CPU): the greedy tokens of the ORT target."""
-    pytest.importorskip("triton")
+    needs_interpreted_triton()
     from mmc.runtime import load
 
     tri, ort = load(cuda_fp32, device="cpu", max_seq_len=128, kernels="triton"), load(engine_all, device="cpu")
@@ -191,6 +191,6 @@ def test_weight_only_engines_run_from_codes(tiny_dir, tmp_path, mode):
     torch_path = load(cuda, device="cpu", max_seq_len=64, kernels="torch")
     want = load(ort, device="cpu").generate("The quick brown", max_new_tokens=8).token_ids
     assert torch_path.generate("The quick brown", max_new_tokens=8).token_ids == want
-    pytest.importorskip("triton")
+    needs_interpreted_triton()
     tri = load(cuda, device="cpu", max_seq_len=64, kernels="triton")
     assert tri.generate("The quick brown", max_new_tokens=8).token_ids == want

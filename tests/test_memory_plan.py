@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import run_mmc
+from conftest import needs_interpreted_triton, run_mmc
 
 from mmc.runtime.cuda.memory_plan import ALIGN, Buffer, lifetimes, plan_offsets
 
@@ -72,7 +72,7 @@ def test_executor_runs_from_the_arena_bit_identically(cuda_bf16, kernels):
     than the values it holds. With the Triton kernels (interpreted here) the mmc ops' results are
     planned too."""
     if kernels == "triton":
-        pytest.importorskip("triton")
+        needs_interpreted_triton()
     import numpy as np
     import torch
 
