@@ -35,16 +35,9 @@ def _median_ms(fn, runs: int) -> float:
 
 def bench(fn, calls: int = 20, runs: int = 30) -> tuple[float, float]:
     """(ms per call inside a CUDA graph, ms per eager call)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    from mmc.runtime.cuda.graphs import capture
+
+    graph, _ = capture(lambda: [fn() for _ in range(calls)])
     graph.replay()
     return _median_ms(graph.replay, runs) / calls, _median_ms(fn, runs)
 
