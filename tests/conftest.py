@@ -17,6 +17,20 @@ if not torch.cuda.is_available():  # the plugins' Triton kernels run interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def assert_same_tokens(a, b, image, max_new_tokens: int, batch: bool = False, full_length: bool = False) -> None:
+    """Engines `a` and `b` generate the same greedy tokens for a text prompt and a prompt with
+    `image` (all `max_new_tokens` of them with full_length) and, with batch, for a left-padded
+    batch of two prompts (8 tokens)."""
+    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [image])):
+        x = a.generate(prompt, images=imgs, max_new_tokens=max_new_tokens).token_ids
+        assert x == b.generate(prompt, images=imgs, max_new_tokens=max_new_tokens).token_ids, prompt
+        assert not full_length or len(x) == max_new_tokens
+    if batch:
+        prompts = ["Hi", "The quick brown fox jumps over"]
+        assert [r.token_ids for r in a.generate(prompts, max_new_tokens=8)] == \
+            [r.token_ids for r in b.generate(prompts, max_new_tokens=8)]
+
+
 def needs_interpreted_triton() -> None:
     """Skip a test that runs the Triton kernels on CPU tensors unless they run interpreted (on a
     GPU machine they are compiled for the GPU; tests/test_cuda_gpu.py covers them there)."""

@@ -5,7 +5,7 @@ replayed from a CUDA graph, the graph replay equal to eager execution, and a bf1
 from __future__ import annotations
 
 import pytest
-from conftest import run_mmc
+from conftest import assert_same_tokens, run_mmc
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,12 +23,7 @@ def test_gpu_fp32_greedy_tokens_identical_to_onnx_runtime(cuda_engine, engine_al
 
     gpu, ort = load(cuda_engine, device="cuda", max_seq_len=256), load(engine_all, device="cpu")
     assert gpu.cuda_graphs
-    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
-        assert gpu.generate(prompt, images=imgs, max_new_tokens=16).token_ids == \
-            ort.generate(prompt, images=imgs, max_new_tokens=16).token_ids
-    batch = ["Hi", "The quick brown fox jumps over"]
-    assert [r.token_ids for r in gpu.generate(batch, max_new_tokens=8)] == \
-        [r.token_ids for r in ort.generate(batch, max_new_tokens=8)]
+    assert_same_tokens(gpu, ort, images["odd"], 16, batch=True)
 
 
 def test_cuda_graph_replay_equals_eager(cuda_engine, images):
@@ -54,9 +49,7 @@ def test_cuda_graph_replay_equals_eager(cuda_engine, images):
     assert graphs.decoder.triton and all(m["values"] > 10 for m in graphs.decoder.memory() + graphs.vision.memory())
     plain = load(cuda_engine, device="cuda", max_seq_len=128)
     plain.decoder.use_arena = plain.vision.use_arena = False
-    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
-        assert graphs.generate(prompt, images=imgs, max_new_tokens=12).token_ids == \
-            plain.generate(prompt, images=imgs, max_new_tokens=12).token_ids
+    assert_same_tokens(graphs, plain, images["odd"], 12)
     assert plain.decoder.memory() == []
 
 
@@ -76,9 +69,7 @@ def test_gpu_triton_and_torch_kernels_agree(cuda_engine, images):
     tri = load(cuda_engine, device="cuda", max_seq_len=256, kernels="triton")
     ref = load(cuda_engine, device="cuda", max_seq_len=256, kernels="torch")
     assert tri.decoder.triton and not ref.decoder.triton
-    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
-        assert tri.generate(prompt, images=imgs, max_new_tokens=16).token_ids == \
-            ref.generate(prompt, images=imgs, max_new_tokens=16).token_ids
+    assert_same_tokens(tri, ref, images["odd"], 16)
 
 
 def test_gpu_int8_weight_only_engine(tiny_dir, tmp_path):

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import needs_interpreted_triton, run_mmc
+from conftest import assert_same_tokens, needs_interpreted_triton, run_mmc
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +55,7 @@ def test_greedy_tokens_identical_to_onnx_runtime(cuda_fp32, engine_all, images):
     from mmc.runtime import load
 
     cuda, ort = load(cuda_fp32, device="cpu", max_seq_len=256), load(engine_all, device="cpu")
-    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
-        a = cuda.generate(prompt, images=imgs, max_new_tokens=12)
-        b = ort.generate(prompt, images=imgs, max_new_tokens=12)
-        assert a.token_ids == b.token_ids and len(a.token_ids) == 12
-    batch = ["Hi", "The quick brown fox jumps over"]  # left-padded
-    assert [r.token_ids for r in cuda.generate(batch, max_new_tokens=8)] == \
-        [r.token_ids for r in ort.generate(batch, max_new_tokens=8)]
+    assert_same_tokens(cuda, ort, images["odd"], 12, batch=True, full_length=True)
 
 
 def test_prefill_buckets_pad_the_prompt_exactly(cuda_fp32, engine_all, images):
@@ -75,12 +69,7 @@ def test_prefill_buckets_pad_the_prompt_exactly(cuda_fp32, engine_all, images):
     assert pad_room(1025) == 63 and pad_room(1026) == 255
     padded, ort = load(cuda_fp32, device="cpu", max_seq_len=96, prefill_buckets=True), load(engine_all, device="cpu")
     assert padded.cache_len == 96 + 63
-    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["odd"]])):
-        assert padded.generate(prompt, images=imgs, max_new_tokens=12).token_ids == \
-            ort.generate(prompt, images=imgs, max_new_tokens=12).token_ids
-    batch = ["Hi", "The quick brown fox jumps over"]
-    assert [r.token_ids for r in padded.generate(batch, max_new_tokens=8)] == \
-        [r.token_ids for r in ort.generate(batch, max_new_tokens=8)]
+    assert_same_tokens(padded, ort, images["odd"], 12, batch=True)
     ids = padded.processor.prepare("The quick brown", []).input_ids
     _, state = padded._prefill_logits(padded.embed(ids)[None].copy(), _positions(len(ids)), _ones(len(ids)))
     assert state["pad"] == 64 - len(ids)
@@ -164,9 +153,7 @@ def test_triton_kernels_interpreted_match_onnx_runtime(cuda_fp32, engine_all, im
 
     tri, ort = load(cuda_fp32, device="cpu", max_seq_len=128, kernels="triton"), load(engine_all, device="cpu")
     assert tri.decoder.triton
-    for prompt, imgs in (("The quick brown", None), ("Describe the picture.", [images["small"]])):
-        assert tri.generate(prompt, images=imgs, max_new_tokens=8).token_ids == \
-            ort.generate(prompt, images=imgs, max_new_tokens=8).token_ids
+    assert_same_tokens(tri, ort, images["small"], 8)
     a = tri.generate("The quick brown", max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, seed=3)
     b = tri.generate("The quick brown", max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, seed=3)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 6  # seeded: reproducible

@@ -151,7 +151,8 @@ class CudaEngine(BaseEngine):
         b, s = mask.shape
         if s >= self.max_seq_len:
             raise MmcError(f"the prompt has {s} tokens; this engine was loaded with max_seq_len {self.max_seq_len}")
-        pad = prefill_bucket(s) - s if self.prefill_buckets and s <= PREFILL_GRAPH_MAX else 0
+        graphed = s <= PREFILL_GRAPH_MAX  # (longer prompts run eagerly, unpadded)
+        pad = prefill_bucket(s) - s if self.prefill_buckets and graphed else 0
         if pad:  # left padding, masked out
             embeds = np.pad(embeds, ((0, 0), (pad, 0), (0, 0)))
             positions = np.pad(positions, [(0, 0)] * (positions.ndim - 1) + [(pad, 0)])
@@ -163,7 +164,7 @@ class CudaEngine(BaseEngine):
         feeds |= {c: empty.to(_cache_dtype(self.decoder, c, self.dtype)) for st in self.decoder.cache_steps.values()
                   for c in st["past"]}
         with torch.inference_mode():
-            out = self._run("decoder", feeds) if s + pad <= PREFILL_GRAPH_MAX else self.decoder.run(feeds)
+            out = self._run("decoder", feeds) if graphed else self.decoder.run(feeds)
             step = self._decode_step(b)
             for i, c in self.decoder.cache_steps.items():
                 kbuf, vbuf = step.cache.buffers[i]

@@ -213,14 +213,13 @@ class Executor:
             return up
         return t
 
-    def _device_step(self, s, ins, attrs, i, out=None, casts=None):
+    def _device_step(self, s, ins, attrs, i, out, casts):
         if s["op"] == "Cast" and not s["domain"] and ins[0].is_floating_point() and \
                 DTYPES[attrs["to"]] == torch.float32 and ins[0].dtype == self.dtype:
             return [ins[0]]  # float32 in the exported graph means "the model's float dtype"
         floats = [t for t in ins if t is not None and t.is_floating_point()]
         if self.dtype != torch.float32 and any(t.dtype == self.dtype for t in floats) \
                 and any(t.dtype == torch.float32 for t in floats) and s["op"] not in _KEEP_FLOAT32:
-            casts = {} if casts is None else casts
             ins = [self._narrowed(n, t, casts) for n, t in zip(s["inputs"], ins)]
         if out is not None and any(o is not None for o in out):
             return self.out_kernels[i](ins, attrs, out)
