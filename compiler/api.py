@@ -10,12 +10,14 @@ complete. `--dump-dir` gets the text IR after every pass and `report.json`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,7 @@ class CompileResult:
     records: list = field(default_factory=list)   # PassRecord per (component, pass)
     nodes: dict = field(default_factory=dict)     # component -> (nodes after export, nodes in engine)
     quantization: dict | None = None              # config, per-layer errors, weight bytes, accuracy
+    seconds: dict = field(default_factory=dict)   # wall time per compile step (progress label -> s)
 
 
 def source_hash(model_dir: Path) -> str:
@@ -64,22 +67,35 @@ def _signature(model) -> tuple[list[dict], list[dict]]:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, silence otherwise (logs still go to the `mmc` logger)."""
+    """A tqdm bar on a terminal, silence otherwise (logs still go to the `mmc` logger); the wall
+    time of each step goes into `seconds` and the log."""
 
     def __init__(self, total: int, enabled: bool):
         self.bar = None
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc="mmc compile", unit="step", leave=False, file=sys.stderr)
 
     def step(self, what: str) -> None:
+        self._finish()
         log.info("%s", what)
+        self._current = (what, time.perf_counter())
         if self.bar is not None:
             self.bar.set_postfix_str(what[:40])
             self.bar.update(1)
 
+    def _finish(self) -> None:
+        if self._current is not None:
+            what, t0 = self._current
+            self.seconds[what] = round(self.seconds.get(what, 0.0) + time.perf_counter() - t0, 3)
+            log.debug("%s: %.1f s", what, self.seconds[what])
+            self._current = None
+
     def close(self) -> None:
+        self._finish()
         if self.bar is not None:
             self.bar.close()
 
@@ -140,13 +156,14 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
         dump.mkdir(parents=True, exist_ok=True)
     run_check = bool(check) if check is not None else (verify_each or dump is not None)
 
-    bar = _Progress(total=3 + 2 * max(1, len(pipeline)) + 2 * (quant is not None), enabled=progress)
+    bar = _Progress(total=3 + 2 * (2 + max(1, len(pipeline))) + 2 * (quant is not None), enabled=progress)
     result = CompileResult(engine=output)
     try:
         with tempfile.TemporaryDirectory(prefix="mmc-export-") as work, fmt.write_engine_dir(output) as stage:
             work = Path(work)
             bar.step(f"loading {source}")
             torch_model = adapter.load_torch_model()
+            host_weights = adapter.host_weights(torch_model)
             bar.step(f"exporting with the {exporter} exporter")
             components = adapter.export(torch_model, work, exporter=exporter, seed=seed, opset=opset)
             options = {"quant": quant}
@@ -155,11 +172,16 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 options["calibration"] = _calibration(adapter, torch_model, components, samples,
                                                       str(calib) if calib else "built-in", calib_method,
                                                       calib_percentile)
+            del torch_model  # the graphs hold the weights from here on (a real-size preset: tens of GB)
+            gc.collect()
             manager = PassManager(pipeline, dump_dir=dump, check=run_check, verify=verify_each,
-                                  stop_on_check_failure=verify_each, progress=bar.step, options=options)
+                                  stop_on_check_failure=verify_each, progress=bar.step, options=options,
+                                  keep_float=accuracy_report or max_drop is not None)
             manifest_components = {}
             for comp in components:
+                bar.step(f"{comp.name}: loading the exported graph")
                 graph = ir.load_graph(comp.path)
+                _remove_export(comp.path)  # in memory now: free the disk (a real-size export is 15-30 GB)
                 nodes_export = len(graph.nodes)
                 graph, records, _ = manager.run(comp.name, graph, comp.check_feeds)
                 result.records += records
@@ -169,6 +191,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                     result.quantization = quantization_summary(
                         quant, manager.options, manager.float_models.get("decoder") if accuracy_report else None,
                         graph, max_drop)
+                bar.step(f"{comp.name}: writing the {'plan' if target == 'cuda' else 'graph'}")
                 if target == "cuda":
                     from .plan import write_plan
 
@@ -191,7 +214,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             from safetensors.numpy import save_file
 
             (stage / "weights").mkdir(exist_ok=True)
-            save_file(adapter.host_weights(torch_model), str(stage / "weights" / "host.safetensors"))
+            save_file(host_weights, str(stage / "weights" / "host.safetensors"))
             (stage / "assets").mkdir()
             for f in adapter.asset_files():
                 shutil.copy2(f, stage / "assets" / f.name)
@@ -219,7 +242,21 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
             })
     finally:
         bar.close()
+        result.seconds = bar.seconds
     return result
+
+
+def _remove_export(path: Path) -> None:
+    """Delete an exported ONNX file and the external data files it names."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    for name in names:
+        f = path.parent / name
+        if f.is_file() and f.resolve().parent == path.parent.resolve():
+            f.unlink()
+    path.unlink()
 
 
 def _quant_config(quantize: str | None, group_size: int, smooth_alpha: float | None, kv_cache: str | None = None):

@@ -89,24 +89,45 @@ def upgrade_opset(graph: gs.Graph, opset: int) -> None:
     domains, e.g. mmc ops, pass through unchanged)."""
     from onnx import version_converter
 
-    model = to_model(graph)
     # The converter serializes the model: convert it without the weights' bytes (protobuf's 2 GB
-    # limit; the real-size presets are larger), then put them back by name.
+    # limit, and copying a real-size preset's weights into protobuf and back costs minutes), then
+    # give the converted graph's constants their values back by name.
     stash = {}
-    for t in model.graph.initializer:
-        if t.ByteSize() > 1 << 16:
-            stash[t.name] = onnx.TensorProto()
-            stash[t.name].CopyFrom(t)
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            t.external_data.add(key="location", value="weights.stashed")
-    converted = version_converter.convert_version(model, opset)
-    for t in converted.graph.initializer:
-        if t.name in stash:
-            t.CopyFrom(stash[t.name])
-    converted = gs.import_onnx(converted)
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and _nbytes(t) > 1 << 16:
+            stash[t.name] = (t._values, t.data_location)
+            t._values = gs.ir.tensor.LazyValues(_placeholder(t))
+    try:
+        converted = gs.import_onnx(version_converter.convert_version(to_model(graph), opset))
+    finally:
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Constant) and t.name in stash:
+                t._values, t.data_location = stash[t.name]
+    for t in converted.tensors().values():
+        if isinstance(t, gs.Constant) and t.name in stash:
+            t._values, t.data_location = stash[t.name]
     graph.nodes, graph.inputs, graph.outputs = converted.nodes, converted.inputs, converted.outputs
     graph.opset, graph.import_domains = converted.opset, converted.import_domains
+
+
+def _nbytes(t: gs.Constant) -> int:
+    v = t._values
+    if isinstance(v, gs.ir.tensor.LazyValues):
+        return int(np.prod(v.shape)) * 4
+    return int(getattr(v, "nbytes", 0))
+
+
+def _placeholder(t: gs.Constant) -> onnx.TensorProto:
+    """A TensorProto with `t`'s name, type and shape whose data is 'elsewhere' (never read)."""
+    v = t._values
+    if isinstance(v, gs.ir.tensor.LazyValues):
+        dtype = v.tensor.data_type
+    else:
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype)
+    p = onnx.TensorProto(name=t.name, dims=list(t.shape), data_type=dtype)
+    p.data_location = onnx.TensorProto.EXTERNAL
+    p.external_data.add(key="location", value="weights.stashed")
+    return p
 
 
 def to_model(graph: gs.Graph) -> onnx.ModelProto:

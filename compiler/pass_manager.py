@@ -76,7 +76,7 @@ def _output_dtype(graph: gs.Graph) -> np.dtype:
 class PassManager:
     def __init__(self, pipeline: list[str], *, dump_dir: str | Path | None = None, check: bool = False,
                  verify: bool = False, stop_on_check_failure: bool = False, progress=None,
-                 options: dict | None = None):
+                 options: dict | None = None, keep_float: bool = True):
         self.pipeline = pipeline
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.check = check
@@ -84,7 +84,10 @@ class PassManager:
         self.stop_on_check_failure = stop_on_check_failure
         self.progress = progress  # callable(str) or None
         self.options = options if options is not None else {}
-        self.float_models: dict[str, object] = {}  # component -> ModelProto before the first lossy pass
+        # component -> ModelProto before the first lossy pass (for the accuracy report; serializing
+        # a real-size model costs minutes, so a compile without the report keeps none)
+        self.keep_float = keep_float
+        self.float_models: dict[str, object] = {}
 
     def _dump(self, component: str, index: int, name: str, graph: gs.Graph, ctx: PassContext) -> None:
         if self.dump_dir is None:
@@ -110,8 +113,9 @@ class PassManager:
             before_counts = ir.op_counts(graph)
             nodes_before = len(graph.nodes)
             lossy = bool(getattr(p, "lossy", False))
-            before_model = ir.to_model(graph) if (self.check and feeds) or lossy else None
-            if lossy and component not in self.float_models:
+            keep = lossy and self.keep_float and component not in self.float_models
+            before_model = ir.to_model(graph) if (self.check and feeds) or keep else None
+            if keep:
                 self.float_models[component] = before_model
             t0 = time.perf_counter()
             try:

@@ -13,6 +13,10 @@ target never sees them.
                     the decoder's runtime reads only the last position's logits, so prefill
                     computes the vocabulary projection for one position instead of S
                     (151,936 × hidden MACs per position for Qwen2.5-VL).
+    linear          y = MatMul(x, @W [K, N]) (+ @b [N], the MatMul's only reader)
+                      ->  y = mmc.Linear(x, @W^T [N, K] (, @b))   (plugins/linear: the cuBLAS
+                    call nn.Linear makes, bias added in float32 before the one rounding; one
+                    kernel instead of two where there is a bias)
 """
 
 from __future__ import annotations
@@ -80,3 +84,44 @@ def last_logits(graph: gs.Graph, output: str = "logits") -> bool:
         out.shape = [out.shape[0], 1, out.shape[2]]
     graph.toposort()
     return True
+
+
+def linear(graph: gs.Graph) -> int:
+    """Rewrite float GEMMs with a constant 2-D weight (and their constant bias Add) into
+    mmc.Linear; returns the count."""
+    hits, stored = 0, {}
+    for node in list(graph.nodes):
+        if node.op != "MatMul" or node.domain or len(node.inputs) != 2 or not node.outputs:
+            continue
+        x, w = node.inputs
+        if not isinstance(w, gs.Constant) or w.values.ndim != 2 or np.asarray(w.values).dtype.kind != "f":
+            continue
+        y = node.outputs[0]
+        n = w.values.shape[1]
+        if w.name not in stored:  # (a transposed view; write_plan makes it contiguous as it stores it)
+            stored[w.name] = gs.Constant(f"{w.name}_nk", np.asarray(w.values).T)
+        ins = [x, stored[w.name]]
+        add = y.outputs[0] if len(y.outputs) == 1 and y not in graph.outputs else None
+        bias = _bias(add, y, n) if add is not None else None
+        if bias is not None:
+            ins.append(bias)
+            y = add.outputs[0]
+            add.outputs.clear()
+        fused = gs.Node("Linear", f"{node.name}_linear", {}, ins, [y], domain="mmc")
+        node.outputs.clear()
+        graph.nodes.append(fused)
+        hits += 1
+    if hits:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return hits
+
+
+def _bias(add: gs.Node, y: gs.Tensor, n: int) -> gs.Constant | None:
+    """The constant [N] float bias that `add` adds to `y`, else None."""
+    if add.op != "Add" or add.domain or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    if other is y or not isinstance(other, gs.Constant):
+        return None
+    b = np.asarray(other.values)
+    return other if b.dtype.kind == "f" and b.shape == (n,) else None

@@ -48,21 +48,39 @@ def _attr_key(value):
     return value
 
 
+def _sample_key(arr: np.ndarray) -> tuple:
+    """dtype, shape and ~64 values spread over the array: weights that differ almost always
+    differ here, so only look-alikes are hashed in full (hashing every weight of a real-size
+    preset costs tens of seconds)."""
+    flat = arr.reshape(-1)
+    return (arr.dtype.str, arr.shape, flat[:: max(1, flat.size // 64)][:65].tobytes())
+
+
 class _Keys:
     """Identity of a value for CSE: activations by object, weights by content."""
 
     def __init__(self):
-        self.weights: dict[tuple, gs.Constant] = {}
+        self.groups: dict[tuple, list[gs.Constant]] = {}
+        self.digests: dict[int, str] = {}
         self.merged_weights = 0
+
+    def _digest(self, t: gs.Constant) -> str:
+        if id(t) not in self.digests:
+            self.digests[id(t)] = _const_key(t)[3]
+        return self.digests[id(t)]
 
     def canonical(self, t: gs.Tensor) -> gs.Tensor:
         if not isinstance(t, gs.Constant):
             return t
-        key = _const_key(t)
-        first = self.weights.setdefault(key, t)
-        if first is not t:
-            self.merged_weights += 1
-        return first
+        group = self.groups.setdefault(_sample_key(np.asarray(t.values)), [])
+        for first in group:
+            if first is t:
+                return t
+            if self._digest(first) == self._digest(t):
+                self.merged_weights += 1
+                return first
+        group.append(t)
+        return t
 
 
 @register_pass(default=True)

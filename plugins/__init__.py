@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from .attention import Attention
 from .base import DOMAIN, FusedOp
-from .linear import WeightOnlyMatMul
+from .linear import Linear, WeightOnlyMatMul
 from .norms import LayerNorm, RMSNorm, SkipLayerNorm, SkipRMSNorm
 from .rotary import RotaryEmbedding
 from .swiglu import SwiGLU
 
 OPS: dict[str, FusedOp] = {op.name: op for op in (
     RMSNorm(), SkipRMSNorm(), LayerNorm(), SkipLayerNorm(), SwiGLU(), RotaryEmbedding(), Attention(),
-    WeightOnlyMatMul())}
+    Linear(), WeightOnlyMatMul())}
 
 
 def get(op_type: str) -> FusedOp:

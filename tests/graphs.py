@@ -9,9 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 import mmc.ir as ir
 
 
-def model(nodes, inputs, outputs, initializers=()):
+def model(nodes, inputs, outputs, initializers=(), opset=20):
     g = helper.make_graph(nodes, "t", inputs, outputs, initializer=[numpy_helper.from_array(a, n) for n, a in initializers])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     onnx.checker.check_model(m)
     return m
 

@@ -142,7 +142,28 @@ def test_prefill_projects_only_the_last_position(cuda_fp32):
     assert plan["rewrites"]["last_logits"] is True
     logits = next(o for o in plan["outputs"] if o["name"] == "logits")
     assert logits["shape"][1] == 1  # [B, 1, V]
-    assert _plan(cuda_fp32, "vision")["rewrites"] == {"weight_only": 0, "last_logits": False}
+    assert _plan(cuda_fp32, "vision")["rewrites"]["last_logits"] is False
+
+
+def test_float_gemms_become_linear_with_their_bias(cuda_fp32):
+    """Every float GEMM with a constant weight is an mmc.Linear, its weight stored [N, K] and a
+    constant bias taken into it (the qkv projections); the tokens are checked by the tests above."""
+    for comp in ("decoder", "vision"):
+        plan = _plan(cuda_fp32, comp)
+        consts = plan["constants"]
+        linears = [s for s in plan["steps"] if s["op"] == "Linear"]
+        assert plan["rewrites"]["linear"] == len(linears) > 0 and plan["rewrites"]["weight_only"] == 0
+        assert not [s for s in plan["steps"] if s["op"] == "MatMul" and s["inputs"][1] in consts]
+        made = {o: s for s in linears for o in s["outputs"]}
+        for s in plan["steps"]:  # no constant bias is added to a Linear's result afterwards
+            if s["op"] == "Add" and any(i in made for i in s["inputs"]):
+                assert not any(i in consts and len(consts[i]["shape"]) == 1 for i in s["inputs"]), s["name"]
+        for s in linears:
+            n, k = consts[s["inputs"][1]]["shape"]
+            if len(s["inputs"]) > 2:
+                assert consts[s["inputs"][2]]["shape"] == [n]
+    biased = [s for s in _plan(cuda_fp32)["steps"] if s["op"] == "Linear" and len(s["inputs"]) == 3]
+    assert len(biased) == 2  # the merged qkv projection of each of the 2 layers
 
 
 def test_triton_kernels_interpreted_match_onnx_runtime(cuda_fp32, engine_all, images):

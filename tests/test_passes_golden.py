@@ -61,6 +61,39 @@ def test_cse_must_not_fire_on_different_attrs_shapes_or_outputs():
     assert_same_outputs(m, after)
 
 
+def test_cse_weights_alike_in_the_sampled_values_are_compared_in_full():
+    """Big weights are grouped by a sample of their values first; two that agree there but
+    differ elsewhere stay apart, equal ones merge."""
+    w = np.random.default_rng(0).standard_normal((64, 640)).astype(np.float32)  # 40960 values: every 640th sampled
+    near = w.copy()
+    near[0, 1] += 1.0  # not a sampled position
+    m = model([helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("MatMul", ["x", "w2"], ["b"]),
+               helper.make_node("MatMul", ["x", "w3"], ["c"]), helper.make_node("Sum", ["a", "b", "c"], ["y"])],
+              [fvi("x", ["n", 64])], [fvi("y", ["n", 640])], [("w1", w), ("w2", near), ("w3", w.copy())])
+    g, r, after = apply("cse", m)
+    assert r.stats == {"duplicate-node": 1, "duplicate-weight": 1}
+    assert_same_outputs(m, after, n=3)
+
+
+def test_upgrade_opset_keeps_big_weights_without_serializing_them():
+    """ir.upgrade_opset converts the graph with placeholders for big weights and gives the
+    converted graph the very arrays back: same values, same outputs in ORT, new opset."""
+    from mmc import ir
+
+    w = np.random.default_rng(1).standard_normal((96, 256)).astype(np.float32)  # 96 KiB: stashed
+    m = model([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["r"]),
+               helper.make_node("ReduceSum", ["r", "axes"], ["y"], keepdims=0)],
+              [fvi("x", ["n", 96])], [fvi("y", ["n"])],
+              [("w", w), ("shape", np.array([0, 16, 16], np.int64)), ("axes", np.array([1, 2], np.int64))],
+              opset=17)
+    g = to_graph(m)
+    ir.upgrade_opset(g, 21)
+    assert g.opset == 21
+    consts = {t.name: t for t in g.tensors().values() if isinstance(t, ir.gs.Constant)}
+    assert np.array_equal(consts["w"].values, w) and consts["w"].data_location is None
+    assert_same_outputs(m, ir.to_model(g), n=3)
+
+
 def test_cse_never_merges_random_ops():
     m = model([helper.make_node("RandomNormalLike", ["x"], ["a"]), helper.make_node("RandomNormalLike", ["x"], ["b"]),
                helper.make_node("Sub", ["a", "b"], ["y"])], [fvi("x", [2])], [fvi("y", [2])])

@@ -156,6 +156,8 @@ def test_weight_only_without_accuracy_report_skips_calibration(tiny_dir, tmp_pat
 
     r = compile_model(str(tiny_dir), output=tmp_path / "i8.mmc", quantize="int8", accuracy_report=False, progress=False)
     assert r.quantization["calibration"] is None and "accuracy" not in r.quantization
+    assert not any(k.startswith("calibrating") for k in r.seconds)
+    assert {"decoder: loading the exported graph", "decoder: quantize-weights", "writing engine"} <= set(r.seconds)
     assert r.quantization["weight_bytes"]["ratio"] < 0.3
     r = compile_model(str(tiny_dir), output=tmp_path / "w8a8.mmc", quantize="w8a8", accuracy_report=False, progress=False)
     assert r.quantization["calibration"] is not None and "accuracy" not in r.quantization

@@ -96,9 +96,10 @@ def build(preset: str, workdir: Path, modes: list[str], layers: int | None = Non
         if not (out / "manifest.json").exists():
             _log(f"compiling {out.name}")
             t = time.time()
-            compile_model(str(ckpt), output=out, target="cuda", passes="all", progress=False,
-                          quantize=None if mode == "bf16" else mode, accuracy_report=False)
-            _log(f"compiled {out.name} in {time.time() - t:.0f} s")
+            res = compile_model(str(ckpt), output=out, target="cuda", passes="all", progress=False,
+                                quantize=None if mode == "bf16" else mode, accuracy_report=False)
+            slow = sorted(res.seconds.items(), key=lambda kv: -kv[1])[:6]
+            _log(f"compiled {out.name} in {time.time() - t:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in slow)})")
         engines[mode] = out
     return {"checkpoint": ckpt, **engines}
 
@@ -198,19 +199,46 @@ def hf_run(model, inputs, new_tokens: int, **gen) -> dict:
 
 
 def logits_cosine(engine, models: dict, ids, pix, grid, steps: int = 16) -> dict:
-    """Teacher-forced: the engine's prefill + `steps` decode logits against transformers' forward
-    over the same tokens (the engine's greedy continuation), per reference model (bf16, fp32)."""
+    """Teacher-forced on the engine's greedy continuation: the engine's prefill + `steps` decode
+    logits against transformers run the same way (prefill, then one token per step on its KV
+    cache, M-RoPE positions as generate() gives them), per reference model (bf16, fp32). Also
+    against transformers' single forward over the whole sequence (`*_one_pass`, the measure of
+    the 2026-11-21 runs), whose decode positions come from prefill-shaped GEMMs and attention."""
+    from mmc.runtime.vision_glue import mrope_positions
+
     _, tokens, ours = mmc_run(engine, ids, pix, grid, steps + 1, keep_logits=True)  # step i's logits chose tokens[i]
+    delta = mrope_positions(ids, engine.host["image_token_id"], grid, engine.host["spatial_merge_size"])[1] \
+        if pix is not None else 0
     full = np.concatenate([ids, np.array(tokens[:steps], dtype=np.int64)])
-    out = {}
-    refs = {}
+    out, refs = {}, {}
     for name, model in models.items():
-        with torch.inference_mode():
-            refs[name] = model(**hf_inputs(full, pix, grid, model.dtype)).logits[0, len(ids) - 1:].float()
+        refs[name] = hf_stepwise_logits(model, ids, pix, grid, tokens[:steps], len(ids) + delta)
         out[f"mmc_vs_transformers_{name}"] = _cosines(ours, refs[name])
+        with torch.inference_mode():
+            one_pass = model(**hf_inputs(full, pix, grid, model.dtype)).logits[0, len(ids) - 1:].float()
+        out[f"mmc_vs_transformers_{name}_one_pass"] = _cosines(ours, one_pass)
     if len(refs) == 2:
-        out["transformers_bf16_vs_fp32"] = _cosines(list(refs["bf16"]), refs["fp32"])
+        out["transformers_bf16_vs_fp32"] = _cosines(refs["bf16"], refs["fp32"])
     return out
+
+
+def hf_stepwise_logits(model, ids, pix, grid, tokens, next_pos: int) -> list:
+    """transformers' logits for the prompt's last position, then for each of `tokens` fed one at
+    a time on its DynamicCache (decode position of token i: next_pos + i on all three M-RoPE axes)."""
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        model.model.rope_deltas = None
+        cache = DynamicCache(config=model.config)
+        out = model(**hf_inputs(ids, pix, grid, model.dtype), past_key_values=cache, use_cache=True)
+        logits = [out.logits[0, -1].float()]
+        for i, t in enumerate(tokens):
+            out = model(input_ids=torch.tensor([[t]], device=DEVICE),
+                        attention_mask=torch.ones(1, len(ids) + i + 1, dtype=torch.long, device=DEVICE),
+                        position_ids=torch.full((3, 1, 1), next_pos + i, dtype=torch.long, device=DEVICE),
+                        past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1].float())
+    return logits
 
 
 def _cosines(ours, ref) -> dict:
@@ -222,6 +250,7 @@ def _cosines(ours, ref) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="qwen2.5-vl-3b")
+    ap.add_argument("--layers", type=int, default=0, help="keep only this many decoder layers / vision blocks (0: all)")
     ap.add_argument("--workdir", default="/tmp/mmc-bench")
     ap.add_argument("--modes", default="bf16", help="comma list of bf16, int8, int4")
     ap.add_argument("--peers", default="eager,compile", help="comma list of eager, compile (or none)")
@@ -254,7 +283,7 @@ def main(argv=None) -> int:
               "preset": args.preset, "new_tokens": args.new_tokens, "runs": args.runs, "results": {}, "skipped": []}
     report["copy_GBps"] = round(copy_bandwidth()) if DEVICE == "cuda" else 1.0
     _log(f"{report['gpu']}: copy bandwidth {report['copy_GBps']} GB/s")
-    paths = build(args.preset, workdir, modes)
+    paths = build(args.preset, workdir, modes, layers=args.layers or None)
     image = workdir / "image448.png"
     Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8)).save(image)
 

@@ -1,23 +1,6 @@
-"""Weight-only quantized GEMM: y = x @ Ŵ with Ŵ = codes · scale, read from int8 or packed int4.
-
-    inputs:  x [..., K] (activation dtype)
-             w  int8 [N, K] (bits 8: one code per byte, each output channel's K codes contiguous)
-                or uint8 [N, K/2] (bits 4: byte j of row n holds k = j in its low nibble and
-                k = j + K/2 in its high nibble, two's-complement codes in [-8, 7])
-             scale float32 [N] (bits 8: per output channel) or [N, ceil(K/g)] (bits 4: per group
-                   of g input channels)
-    outputs: y [..., N] (dtype of x)
-    attrs:   bits (8 | 4), group_size g (bits 4), k K
-
-    Ŵ[k, n] = code[n, k] · scale[n]            (bits 8)
-    Ŵ[k, n] = code[n, k] · scale[n, k // g]    (bits 4)
-
-Not produced by a pass: the cuda target's plan compiler (compiler/plan.py) turns the
-`DequantizeLinear(int8/int4 codes) -> MatMul` that quantize-weights writes into this op, stored
-in the layout above (the Triton kernel in kernels.py streams each output channel's codes
-contiguously). The ORT face (the op appears only in cuda plans, but every op has one) multiplies
-by the dequantized weight.
-"""
+"""The cuda target's GEMM ops, made by compiler/plan_rewrites.py (never by a pass): Linear (a
+float weight in nn.Linear's layout, the bias in the GEMM's epilogue) and WeightOnlyMatMul (int8 /
+int4 weight codes). Each class docstring is its spec."""
 
 from __future__ import annotations
 
@@ -51,7 +34,27 @@ def dequantized(w: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarray:
 
 
 class WeightOnlyMatMul(FusedOp):
-    __doc__ = __doc__
+    """Weight-only quantized GEMM: y = x @ Ŵ with Ŵ = codes · scale, read from int8 or packed int4.
+
+    inputs:  x [..., K] (activation dtype)
+             w  int8 [N, K] (bits 8: one code per byte, each output channel's K codes contiguous)
+                or uint8 [N, K/2] (bits 4: byte j of row n holds k = j in its low nibble and
+                k = j + K/2 in its high nibble, two's-complement codes in [-8, 7])
+             scale float32 [N] (bits 8: per output channel) or [N, ceil(K/g)] (bits 4: per group
+                   of g input channels)
+    outputs: y [..., N] (dtype of x)
+    attrs:   bits (8 | 4), group_size g (bits 4), k K
+
+    Ŵ[k, n] = code[n, k] · scale[n]            (bits 8)
+    Ŵ[k, n] = code[n, k] · scale[n, k // g]    (bits 4)
+
+Not produced by a pass: the cuda target's plan compiler (compiler/plan.py) turns the
+`DequantizeLinear(int8/int4 codes) -> MatMul` that quantize-weights writes into this op, stored
+in the layout above (the Triton kernel in kernels.py streams each output channel's codes
+contiguously). The ORT face (the op appears only in cuda plans, but every op has one) multiplies
+by the dequantized weight.
+"""
+
     name = "WeightOnlyMatMul"
 
     def reference(self, inputs, attrs):
@@ -88,3 +91,63 @@ class WeightOnlyMatMul(FusedOp):
         x, w, scale = node.inputs
         wf = dequantized(np.asarray(w.values), np.asarray(scale.values), node.attrs).astype(np.float32)
         emit.op("MatMul", [x, emit.const(wf, np.float32)], [node.outputs[0]])
+
+
+class Linear(FusedOp):
+    """y = x @ w^T (+ bias): torch's nn.Linear, the float GEMM of the cuda target.
+
+    inputs:  x [..., K] (activation dtype), w [N, K] (nn.Linear's layout), bias [N] (optional)
+    outputs: y [..., N] (dtype of x)
+
+Not produced by a pass: the plan compiler turns `MatMul(x, @W [K, N])`, and an `Add` of a constant
+[N] bias that is its only reader, into this op. On the GPU it is the cuBLAS call transformers makes
+for the same layer (addmm / mm of the flattened rows with the transposed [N, K] weight), so the
+bias is added in float32 before the one rounding to the activation dtype, and the GEMM sees the
+same operand layout and picks the same kernel. The ORT face is MatMul (+ Add).
+"""
+
+    name = "Linear"
+
+    def reference(self, inputs, attrs):
+        x, w = inputs[0], inputs[1]
+        y = x.astype(np.float64) @ w.astype(np.float64).T
+        if len(inputs) > 2 and inputs[2] is not None:
+            y = y + inputs[2].astype(np.float64)
+        return [y.astype(x.dtype)]
+
+    def torch_reference(self, inputs, attrs):
+        import torch.nn.functional as F
+
+        return [F.linear(inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None)]
+
+    writes_out = True
+
+    def triton_kernel(self, inputs, attrs, out=None):
+        """cuBLAS through torch, as F.linear runs it (rows flattened: addmm with a bias, else mm),
+        writing into `out[0]` when given."""
+        import torch
+
+        x, w = inputs[0], inputs[1]
+        bias = inputs[2] if len(inputs) > 2 else None
+        o = out[0] if out and out[0] is not None else None
+        if o is None or not x.is_contiguous():
+            return self.torch_reference(inputs, attrs)
+        x2, o2 = x.view(-1, x.shape[-1]), o.view(-1, w.shape[0])
+        if bias is not None:
+            torch.addmm(bias, x2, w.t(), out=o2)
+        else:
+            torch.mm(x2, w.t(), out=o2)
+        return [o]
+
+    def infer(self, node):
+        xs, ws = shape_of(node.inputs[0]), shape_of(node.inputs[1])
+        return [(dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])]
+
+    def lower_ort(self, emit: Emitter, node, opset):
+        x, w = node.inputs[0], node.inputs[1]
+        wt = emit.const(np.ascontiguousarray(np.asarray(w.values).T), np.asarray(w.values).dtype)
+        if len(node.inputs) > 2:
+            (y,) = emit.op("MatMul", [x, wt], 1)
+            emit.op("Add", [y, node.inputs[2]], [node.outputs[0]])
+        else:
+            emit.op("MatMul", [x, wt], [node.outputs[0]])
