@@ -32,6 +32,7 @@ class FusedOp:
         raise NotImplementedError
 
     writes_out = False  # whether triton_kernel takes `out` (buffers for its results, None entries allowed)
+    torch_writes_out = False  # whether torch_reference takes `out` too (the CPU path's arena then covers it)
 
     def triton_kernel(self, inputs: list, attrs: dict, out: list | None = None) -> list | None:
         return None

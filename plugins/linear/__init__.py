@@ -115,29 +115,27 @@ same operand layout and picks the same kernel. The ORT face is MatMul (+ Add).
             y = y + inputs[2].astype(np.float64)
         return [y.astype(x.dtype)]
 
-    def torch_reference(self, inputs, attrs):
-        import torch.nn.functional as F
+    writes_out = torch_writes_out = True
 
-        return [F.linear(inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None)]
-
-    writes_out = True
-
-    def triton_kernel(self, inputs, attrs, out=None):
-        """cuBLAS through torch, as F.linear runs it (rows flattened: addmm with a bias, else mm),
-        writing into `out[0]` when given."""
+    def torch_reference(self, inputs, attrs, out=None):
+        """cuBLAS (or the CPU's GEMM) through torch, as F.linear runs it (rows flattened: addmm with
+        a bias, else mm), writing into `out[0]` when given. Also the GPU face: no Triton kernel."""
         import torch
+        import torch.nn.functional as F
 
         x, w = inputs[0], inputs[1]
         bias = inputs[2] if len(inputs) > 2 else None
         o = out[0] if out and out[0] is not None else None
         if o is None or not x.is_contiguous():
-            return self.torch_reference(inputs, attrs)
+            return [F.linear(x, w, bias)]
         x2, o2 = x.view(-1, x.shape[-1]), o.view(-1, w.shape[0])
         if bias is not None:
             torch.addmm(bias, x2, w.t(), out=o2)
         else:
             torch.mm(x2, w.t(), out=o2)
         return [o]
+
+    triton_kernel = torch_reference
 
     def infer(self, node):
         xs, ws = shape_of(node.inputs[0]), shape_of(node.inputs[1])

@@ -93,7 +93,8 @@ class Executor:
         self.kernels = [_mmc_kernel(MMC_OPS[s["op"]], self.triton) if s["domain"] == "mmc" else OPS[s["op"]]
                         for s in self.steps]
         # kernels that write into given memory: the arena's candidates
-        self.out_kernels = [(self.kernels[i] if self.triton and MMC_OPS[s["op"]].writes_out else None)
+        self.out_kernels = [(self.kernels[i] if self.triton and MMC_OPS[s["op"]].writes_out
+                             or MMC_OPS[s["op"]].torch_writes_out else None)
                             if s["domain"] == "mmc" else OUT_OPS.get(s["op"]) for i, s in enumerate(self.steps)]
         self.use_arena = arena
         self._arena: torch.Tensor | None = None
@@ -270,7 +271,8 @@ def _mmc_kernel(op, triton: bool):
             from mmc.plugins.attention import torch_cached_attention
 
             return torch_cached_attention(ins, attrs, attention)
-        return op.torch_reference(ins, attrs)
+        return op.torch_reference(ins, attrs, out) if out is not None and op.torch_writes_out \
+            else op.torch_reference(ins, attrs)
     return run
 
 
