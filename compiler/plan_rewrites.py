@@ -5,8 +5,9 @@ target never sees them.
 
     weight-only     y = MatMul(x, DequantizeLinear(@codes int8 [K, N], @s [N], axis=1))
                     y = MatMul(x, DequantizeLinear(@codes int4 [K, N], @s [K/g, N], axis=0, block_size=g))
-                      ->  y = mmc.WeightOnlyMatMul(x, @w, @s')   (plugins/linear: codes stored
-                    [N, K] int8, or [N, K/2] packed int4, scales [N] / [N, K/g]); the float
+                      ->  y = mmc.WeightOnlyMatMul(x, @w, @s' (, @b))   (plugins/linear: codes stored
+                    [N, K] int8, or [N, K/2] packed int4, scales [N] / [N, K/g]; a constant
+                    bias Add that is the GEMM's only reader joins it, as in linear); the float
                     weight is never materialized. fp8 weights and DQs with a zero point stay as
                     they are (DequantizeLinear then MatMul).
     last-logits     logits = MatMul(h, @W)  ->  logits = MatMul(h[:, -1:], @W)
@@ -50,9 +51,14 @@ def weight_only(graph: gs.Graph) -> int:
             w = pack_int4(np.ascontiguousarray(codes.T.astype(np.int8)))
             s, attrs = np.ascontiguousarray(scale.T), {"bits": 4, "group_size": int(dq.attrs["block_size"]), "k": k}
         base = dq.inputs[0].name
-        fused = gs.Node("WeightOnlyMatMul", f"{node.name}_woq", attrs,
-                        [node.inputs[0], gs.Constant(f"{base}_nk", w), gs.Constant(f"{base}_scale_nk", s)],
-                        list(node.outputs), domain="mmc")
+        ins = [node.inputs[0], gs.Constant(f"{base}_nk", w), gs.Constant(f"{base}_scale_nk", s)]
+        y = node.outputs[0]
+        bias = _absorbed_bias(graph, y, codes.shape[1])
+        if bias is not None:
+            ins.append(bias)
+            y = y.outputs[0].outputs[0]
+            y.inputs.clear()
+        fused = gs.Node("WeightOnlyMatMul", f"{node.name}_woq", attrs, ins, [y], domain="mmc")
         node.outputs.clear()
         graph.nodes.append(fused)
         hits += 1
@@ -97,16 +103,14 @@ def linear(graph: gs.Graph) -> int:
         if not isinstance(w, gs.Constant) or w.values.ndim != 2 or np.asarray(w.values).dtype.kind != "f":
             continue
         y = node.outputs[0]
-        n = w.values.shape[1]
         if w.name not in stored:  # (a transposed view; write_plan makes it contiguous as it stores it)
             stored[w.name] = gs.Constant(f"{w.name}_nk", np.asarray(w.values).T)
         ins = [x, stored[w.name]]
-        add = y.outputs[0] if len(y.outputs) == 1 and y not in graph.outputs else None
-        bias = _bias(add, y, n) if add is not None else None
+        bias = _absorbed_bias(graph, y, w.values.shape[1])
         if bias is not None:
             ins.append(bias)
-            y = add.outputs[0]
-            add.outputs.clear()
+            y = y.outputs[0].outputs[0]
+            y.inputs.clear()
         fused = gs.Node("Linear", f"{node.name}_linear", {}, ins, [y], domain="mmc")
         node.outputs.clear()
         graph.nodes.append(fused)
@@ -116,9 +120,13 @@ def linear(graph: gs.Graph) -> int:
     return hits
 
 
-def _bias(add: gs.Node, y: gs.Tensor, n: int) -> gs.Constant | None:
-    """The constant [N] float bias that `add` adds to `y`, else None."""
-    if add.op != "Add" or add.domain or len(add.inputs) != 2:
+def _absorbed_bias(graph: gs.Graph, y: gs.Tensor, n: int) -> gs.Constant | None:
+    """The constant float [N] bias an `Add` adds to GEMM result `y` when that Add is y's only
+    reader (y not a graph output), else None."""
+    if len(y.outputs) != 1 or y in graph.outputs:
+        return None
+    add = y.outputs[0]
+    if add.op != "Add" or add.domain or len(add.inputs) != 2 or len(add.outputs) != 1:
         return None
     other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
     if other is y or not isinstance(other, gs.Constant):

@@ -196,6 +196,9 @@ def test_weight_only_engines_run_from_codes(tiny_dir, tmp_path, mode):
     woq = next(s for s in plan["steps"] if s["op"] == "WeightOnlyMatMul")
     w = plan["constants"][woq["inputs"][1]]
     assert w["place"] == "device" and w["dtype"] == ("int8" if mode == "--int8" else "uint8")
+    biased = [s for s in plan["steps"] if s["op"] == "WeightOnlyMatMul" and len(s["inputs"]) == 4]
+    assert len(biased) == 2  # each layer's qkv projection takes its bias
+    assert plan["constants"][biased[0]["inputs"][3]]["shape"] == [plan["constants"][biased[0]["inputs"][1]]["shape"][0]]
     torch_path = load(cuda, device="cpu", max_seq_len=64, kernels="torch")
     want = load(ort, device="cpu").generate("The quick brown", max_new_tokens=8).token_ids
     assert torch_path.generate("The quick brown", max_new_tokens=8).token_ids == want

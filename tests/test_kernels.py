@@ -171,12 +171,15 @@ def test_decode_attention_quantized_cache(kind):
 @pytest.mark.parametrize("m", [1, 3, 40])
 @pytest.mark.parametrize("k", [384, 512])  # 512: int4 tiles lie inside one group (scale after the dot)
 def test_weight_only_matmul(dtype, bits, m, k):
-    """Codes and scales from the project's quantizers; the kernel against the op's numpy reference."""
+    """Codes and scales from the project's quantizers; the kernel against the op's numpy reference.
+    Decode shapes split K over programs (the last split of a tile sums the partials); a bias and
+    the executor's output buffer are used on some shapes; a second call gives the same result
+    (the split counters are back at zero)."""
     import numpy as np
 
     from mmc import quantization as qz
     from mmc.plugins.linear import WeightOnlyMatMul, pack_int4, unpack_int4
-    from mmc.plugins.linear.kernels import weight_only_matmul
+    from mmc.plugins.linear import kernels as lk
 
     n, g = 72, 128
     w = torch.randn(k, n, generator=GEN).numpy()
@@ -189,10 +192,23 @@ def test_weight_only_matmul(dtype, bits, m, k):
         assert np.array_equal(unpack_int4(stored), codes.T)
     attrs = {"bits": bits, "group_size": g, "k": k}
     x = rand(2, m, k, dtype=dtype)
-    want = WeightOnlyMatMul().reference([x.float().cpu().numpy(), stored, s], attrs)[0]
-    got = weight_only_matmul(x, torch.from_numpy(stored).to(DEV), torch.from_numpy(s).to(DEV), bits, g)
+    bias = rand(n, dtype=dtype) if m != 1 or k == 384 else None
+    ins = [x, torch.from_numpy(stored).to(DEV), torch.from_numpy(s).to(DEV)] + ([bias] if bias is not None else [])
+    want = WeightOnlyMatMul().reference([t.float().cpu().numpy() if torch.is_tensor(t) and t.is_floating_point()
+                                         else t.cpu().numpy() for t in ins], attrs)[0]
+    out = [torch.empty(2, m, n, dtype=dtype, device=DEV)] if m == 1 else None
+    got = WeightOnlyMatMul().triton_kernel(ins, attrs, out=out)[0]
+    assert got.dtype == dtype and (out is None or got.data_ptr() == out[0].data_ptr())
     close(got, torch.from_numpy(want), dtype)
-    ref = WeightOnlyMatMul().torch_reference([x, torch.from_numpy(stored).to(DEV), torch.from_numpy(s).to(DEV)], attrs)[0]
+    if m <= 16:  # split K three ways (these K are too small for the default to split)
+        split = dict(lk.DECODE, BLOCK_K=64, splits=3)
+        assert triton.cdiv(k if bits == 8 else k // 2, 64 * triton.cdiv(triton.cdiv(k if bits == 8 else k // 2, 3), 64)) > 1
+        got = lk.weight_only_matmul(x, ins[1], ins[2], bits, g, decode=split, out=out, bias=bias)
+        assert not any(int(c.abs().sum()) for c in lk._COUNTERS.values())  # the last splits reset their counters
+        close(got, torch.from_numpy(want), dtype)
+        again = lk.weight_only_matmul(x, ins[1], ins[2], bits, g, decode=split, bias=bias)
+        assert torch.equal(again, got)
+    ref = WeightOnlyMatMul().torch_reference(ins, attrs)[0]
     close(ref, torch.from_numpy(want), dtype)
 
 

@@ -34,7 +34,7 @@ def dequantized(w: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarray:
 
 
 class WeightOnlyMatMul(FusedOp):
-    """Weight-only quantized GEMM: y = x @ Ŵ with Ŵ = codes · scale, read from int8 or packed int4.
+    """Weight-only quantized GEMM: y = x @ Ŵ (+ bias) with Ŵ = codes · scale, read from int8 or packed int4.
 
     inputs:  x [..., K] (activation dtype)
              w  int8 [N, K] (bits 8: one code per byte, each output channel's K codes contiguous)
@@ -42,6 +42,7 @@ class WeightOnlyMatMul(FusedOp):
                 k = j + K/2 in its high nibble, two's-complement codes in [-8, 7])
              scale float32 [N] (bits 8: per output channel) or [N, ceil(K/g)] (bits 4: per group
                    of g input channels)
+             bias [N] (optional; added in float32 before the one rounding to x's dtype)
     outputs: y [..., N] (dtype of x)
     attrs:   bits (8 | 4), group_size g (bits 4), k K
 
@@ -49,8 +50,8 @@ class WeightOnlyMatMul(FusedOp):
     Ŵ[k, n] = code[n, k] · scale[n, k // g]    (bits 4)
 
 Not produced by a pass: the cuda target's plan compiler (compiler/plan.py) turns the
-`DequantizeLinear(int8/int4 codes) -> MatMul` that quantize-weights writes into this op, stored
-in the layout above (the Triton kernel in kernels.py streams each output channel's codes
+`DequantizeLinear(int8/int4 codes) -> MatMul` that quantize-weights writes (and an `Add` of a
+constant [N] bias that is its only reader) into this op, stored in the layout above (the Triton kernel in kernels.py streams each output channel's codes
 contiguously). The ORT face (the op appears only in cuda plans, but every op has one) multiplies
 by the dequantized weight.
 """
@@ -58,14 +59,19 @@ by the dequantized weight.
     name = "WeightOnlyMatMul"
 
     def reference(self, inputs, attrs):
-        x, w, scale = inputs
-        return [(x.astype(np.float64) @ dequantized(w, scale, attrs)).astype(x.dtype)]
+        x, w, scale = inputs[:3]
+        y = x.astype(np.float64) @ dequantized(w, scale, attrs)
+        if len(inputs) > 3 and inputs[3] is not None:
+            y = y + inputs[3].astype(np.float64)
+        return [y.astype(x.dtype)]
 
     def torch_reference(self, inputs, attrs):
-        """Dequantize to x's dtype, then one matmul (what the DequantizeLinear -> MatMul pair computes)."""
+        """Dequantize to x's dtype, then one matmul (what the DequantizeLinear -> MatMul pair
+        computes), the bias as nn.Linear adds it."""
         import torch
+        import torch.nn.functional as F
 
-        x, w, scale = inputs
+        x, w, scale = inputs[:3]
         if attrs["bits"] == 8:
             wf = w.to(torch.float32) * scale.float()[:, None]                    # [N, K]
         else:
@@ -73,7 +79,7 @@ by the dequantized weight.
             lo, hi = b & 0xF, b >> 4
             codes = torch.cat([lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)], dim=1).float()
             wf = codes * scale.float().repeat_interleave(attrs["group_size"], dim=1)[:, : codes.shape[1]]
-        return [x @ wf.to(x.dtype).T]
+        return [F.linear(x, wf.to(x.dtype), inputs[3] if len(inputs) > 3 else None)]
 
     writes_out = True
 
@@ -81,16 +87,20 @@ by the dequantized weight.
         from .kernels import weight_only_matmul
 
         return [weight_only_matmul(inputs[0], inputs[1], inputs[2], attrs["bits"], attrs.get("group_size", 0),
-                                   out=out)]
+                                   out=out, bias=inputs[3] if len(inputs) > 3 else None)]
 
     def infer(self, node):
         xs, ws = shape_of(node.inputs[0]), shape_of(node.inputs[1])
         return [(dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])]
 
     def lower_ort(self, emit: Emitter, node, opset):
-        x, w, scale = node.inputs
+        x, w, scale = node.inputs[:3]
         wf = dequantized(np.asarray(w.values), np.asarray(scale.values), node.attrs).astype(np.float32)
-        emit.op("MatMul", [x, emit.const(wf, np.float32)], [node.outputs[0]])
+        if len(node.inputs) > 3:
+            (y,) = emit.op("MatMul", [x, emit.const(wf, np.float32)], 1)
+            emit.op("Add", [y, node.inputs[3]], [node.outputs[0]])
+        else:
+            emit.op("MatMul", [x, emit.const(wf, np.float32)], [node.outputs[0]])
 
 
 class Linear(FusedOp):

@@ -4,8 +4,11 @@ bf16/fp16/fp32, float32 accumulation.
 Decode (M ≤ 16 rows) is memory-bound: the kernel streams each output channel's codes once,
 converts them in registers and multiplies on the tensor cores (tl.dot, M padded to 16). Few
 output columns would leave SMs idle, so K is split across programs (split-K) until there are
-about two programs per SM; float32 partials [splits, M, N] are summed after. Prefill (M > 16)
-uses larger M tiles and no split.
+about two programs per SM. Each split stores its float32 partial [M, N-tile] in a workspace and
+counts itself in on the tile's counter (an atomic); the last split to arrive sums the partials,
+adds the bias, rounds once to x's dtype and writes the result, then resets the counter for the
+next call. One kernel per GEMM: no reduce, cast or bias kernels after it. Prefill (M > 16) uses
+larger M tiles and no split.
 
     bits 8:  acc = x[:, k-tile] · codes[n-tile, k-tile]ᵀ;  y = acc · scale[n]
     bits 4:  byte j holds k = j (low nibble) and k = j + K/2 (high nibble), so each tile of
@@ -32,8 +35,9 @@ def _signed4(v):
 
 
 @triton.jit
-def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, sxm, n_groups, group, k_per_split,
-                BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _woq_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sxm, n_groups, group,
+                k_per_split, n_splits, BITS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     split = tl.program_id(2)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,8 +81,38 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, sxm, n_groups, group, k_p
                 w_hi = (_signed4(b >> 4) * s_hi).to(x_lo.dtype)
                 acc += dot(x_lo, tl.trans(w_lo)) + dot(x_hi, tl.trans(w_hi))
             k += BLOCK_K
-    out = out_ptr + (split * M + rm[:, None].to(tl.int64)) * N + rn[None, :]
-    tl.store(out, acc, mask=mm & (rn[None, :] < N))
+    omask = mm & (rn[None, :] < N)
+    tile = (rm[:, None].to(tl.int64) * N + rn[None, :])
+    last = True
+    if SPLIT:
+        tl.store(part_ptr + split * M * N + tile, acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is stored before the count releases them
+        counter = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        last = tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1
+        if last:
+            tl.debug_barrier()
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            sp = 0
+            while sp < n_splits:  # in split order: the sum does not depend on arrival order
+                acc += tl.load(part_ptr + sp * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
+                sp += 1
+            tl.atomic_xchg(counter, 0)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+_COUNTERS: dict = {}  # device -> int32 tile counters, zero between calls (the last split resets its own)
+
+
+def _counters(device, n: int):
+    import torch
+
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return have
 
 
 DECODE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of the H100 sweep (tools/bench_kernels.py)
@@ -96,8 +130,9 @@ def config(m: int, n: int, k_loop: int, decode: dict | None = None) -> dict:
 
 
 def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bits: int, group: int = 0,
-                       decode: dict | None = None, out=None) -> torch.Tensor:
-    """x [..., K] @ Ŵ -> [..., N]; w int8 [N, K] or packed uint8 [N, K/2] (see plugins/linear)."""
+                       decode: dict | None = None, out=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ Ŵ (+ bias [N]) -> [..., N] in x's dtype; w int8 [N, K] or packed uint8 [N, K/2]
+    (see plugins/linear); out: the executor's buffer for the result (or None)."""
     n = w.shape[0]
     k = w.shape[1] * (2 if bits == 4 else 1)
     x2 = x.reshape(-1, k).contiguous()
@@ -107,13 +142,12 @@ def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bi
     splits = cfg.pop("splits")
     k_per_split = triton.cdiv(triton.cdiv(k_loop, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = triton.cdiv(k_loop, k_per_split)
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    y = output(out, 0, (m, n), x.dtype, x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), splits)
-    _woq_kernel[grid](x2, w, scale, part, m, n, k, x2.stride(0), scale.shape[1] if scale.dim() == 2 else 1,
-                      max(group, 1), k_per_split, BITS=bits,
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
+    counters = _counters(x.device, grid[0] * grid[1]) if splits > 1 else y
+    _woq_kernel[grid](x2, w, scale, bias if bias is not None else scale, y, part, counters, m, n, k, x2.stride(0),
+                      scale.shape[1] if scale.dim() == 2 else 1, max(group, 1), k_per_split, splits, BITS=bits,
                       GROUP_ALIGNED=bits == 4 and (k // 2) % group == 0 and group % cfg["BLOCK_K"] == 0
-                      and k_per_split % cfg["BLOCK_K"] == 0, **cfg)
-    y = part[0] if splits == 1 else part.sum(0)
-    if out is not None and out[0] is not None:
-        return output(out, 0, (*x.shape[:-1], n), x.dtype, x.device).copy_(y.view(*x.shape[:-1], n))
-    return y.to(x.dtype).view(*x.shape[:-1], n)
+                      and k_per_split % cfg["BLOCK_K"] == 0, HAS_BIAS=bias is not None, SPLIT=splits > 1, **cfg)
+    return y.view(*x.shape[:-1], n)
