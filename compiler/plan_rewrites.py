@@ -15,9 +15,9 @@ target never sees them.
                     computes the vocabulary projection for one position instead of S
                     (151,936 × hidden MACs per position for Qwen2.5-VL).
     linear          y = MatMul(x, @W [K, N]) (+ @b [N], the MatMul's only reader)
-                      ->  y = mmc.Linear(x, @W^T [N, K] (, @b))   (plugins/linear: the cuBLAS
-                    call nn.Linear makes, bias added in float32 before the one rounding; one
-                    kernel instead of two where there is a bias)
+                      ->  y = mmc.Linear(x, @W (, @b))   (plugins/linear: one cuBLAS call, the
+                    bias added in float32 in its epilogue before the one rounding, as nn.Linear
+                    does; one kernel instead of two where there is a bias)
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def last_logits(graph: gs.Graph, output: str = "logits") -> bool:
 def linear(graph: gs.Graph) -> int:
     """Rewrite float GEMMs with a constant 2-D weight (and their constant bias Add) into
     mmc.Linear; returns the count."""
-    hits, stored = 0, {}
+    hits = 0
     for node in list(graph.nodes):
         if node.op != "MatMul" or node.domain or len(node.inputs) != 2 or not node.outputs:
             continue
@@ -103,9 +103,7 @@ def linear(graph: gs.Graph) -> int:
         if not isinstance(w, gs.Constant) or w.values.ndim != 2 or np.asarray(w.values).dtype.kind != "f":
             continue
         y = node.outputs[0]
-        if w.name not in stored:  # (a transposed view; write_plan makes it contiguous as it stores it)
-            stored[w.name] = gs.Constant(f"{w.name}_nk", np.asarray(w.values).T)
-        ins = [x, stored[w.name]]
+        ins = [x, w]
         bias = _absorbed_bias(graph, y, w.values.shape[1])
         if bias is not None:
             ins.append(bias)

@@ -146,8 +146,8 @@ def test_prefill_projects_only_the_last_position(cuda_fp32):
 
 
 def test_float_gemms_become_linear_with_their_bias(cuda_fp32):
-    """Every float GEMM with a constant weight is an mmc.Linear, its weight stored [N, K] and a
-    constant bias taken into it (the qkv projections); the tokens are checked by the tests above."""
+    """Every float GEMM with a constant weight is an mmc.Linear, a constant bias taken into it (the
+    qkv projections); the tokens are checked by the tests above."""
     for comp in ("decoder", "vision"):
         plan = _plan(cuda_fp32, comp)
         consts = plan["constants"]
@@ -159,7 +159,7 @@ def test_float_gemms_become_linear_with_their_bias(cuda_fp32):
             if s["op"] == "Add" and any(i in made for i in s["inputs"]):
                 assert not any(i in consts and len(consts[i]["shape"]) == 1 for i in s["inputs"]), s["name"]
         for s in linears:
-            n, k = consts[s["inputs"][1]]["shape"]
+            k, n = consts[s["inputs"][1]]["shape"]
             if len(s["inputs"]) > 2:
                 assert consts[s["inputs"][2]]["shape"] == [n]
     biased = [s for s in _plan(cuda_fp32)["steps"] if s["op"] == "Linear" and len(s["inputs"]) == 3]

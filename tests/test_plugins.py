@@ -72,6 +72,15 @@ def test_norms(opset):
             close(g, r)
 
 
+def test_linear_ort_face():
+    """mmc.Linear (a cuda-plan op) lowers to MatMul (+ Add) for ORT: the reference's values."""
+    x, w, b = randn(2, 5, 32), randn(32, 24), randn(24)
+    for ins, want_ops in (([x, w, b], ["MatMul", "Add"]), ([x, w], ["MatMul"])):
+        got, ops = run_fused("Linear", ins, {}, 1, 20)
+        assert ops == want_ops
+        close(got[0], OPS["Linear"].reference(ins, {})[0], 1e-5)
+
+
 @pytest.mark.parametrize("opset", [17, 20])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 def test_swiglu(opset, activation):

@@ -261,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="auto", choices=("auto", "triton", "torch"))
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which remaining parts are skipped")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--build-only", action="store_true", help="build the checkpoint and engines, then stop")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of this script (tiny preset)")
     args = ap.parse_args(argv)
     global DEVICE
@@ -284,6 +285,8 @@ def main(argv=None) -> int:
     report["copy_GBps"] = round(copy_bandwidth()) if DEVICE == "cuda" else 1.0
     _log(f"{report['gpu']}: copy bandwidth {report['copy_GBps']} GB/s")
     paths = build(args.preset, workdir, modes, layers=args.layers or None)
+    if args.build_only:
+        return 0
     image = workdir / "image448.png"
     Image.fromarray((np.random.default_rng(1).random((448, 448, 3)) * 255).astype(np.uint8)).save(image)
 

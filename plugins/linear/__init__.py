@@ -104,23 +104,25 @@ by the dequantized weight.
 
 
 class Linear(FusedOp):
-    """y = x @ w^T (+ bias): torch's nn.Linear, the float GEMM of the cuda target.
+    """y = x @ w (+ bias): the float GEMM of the cuda target, bias in the GEMM's epilogue.
 
-    inputs:  x [..., K] (activation dtype), w [N, K] (nn.Linear's layout), bias [N] (optional)
+    inputs:  x [..., K] (activation dtype), w [K, N] (MatMul's layout), bias [N] (optional)
     outputs: y [..., N] (dtype of x)
 
 Not produced by a pass: the plan compiler turns `MatMul(x, @W [K, N])`, and an `Add` of a constant
-[N] bias that is its only reader, into this op. On the GPU it is the cuBLAS call transformers makes
-for the same layer (addmm / mm of the flattened rows with the transposed [N, K] weight), so the
-bias is added in float32 before the one rounding to the activation dtype, and the GEMM sees the
-same operand layout and picks the same kernel. The ORT face is MatMul (+ Add).
+[N] bias that is its only reader, into this op. On the GPU it is one cuBLAS call on the flattened
+rows (addmm with the bias, else mm): the bias is added in float32 before the one rounding to the
+activation dtype (as nn.Linear does), and no separate Add kernel runs. The weight keeps MatMul's
+[K, N] layout: on the H100, cuBLAS's decode GEMVs ran 3-7 % slower on nn.Linear's [N, K] layout
+(tools/profile_cuda.py, 2026-11-22), with the same logits cosine against transformers. The ORT
+face is MatMul (+ Add).
 """
 
     name = "Linear"
 
     def reference(self, inputs, attrs):
         x, w = inputs[0], inputs[1]
-        y = x.astype(np.float64) @ w.astype(np.float64).T
+        y = x.astype(np.float64) @ w.astype(np.float64)
         if len(inputs) > 2 and inputs[2] is not None:
             y = y + inputs[2].astype(np.float64)
         return [y.astype(x.dtype)]
@@ -128,34 +130,31 @@ same operand layout and picks the same kernel. The ORT face is MatMul (+ Add).
     writes_out = torch_writes_out = True
 
     def torch_reference(self, inputs, attrs, out=None):
-        """cuBLAS (or the CPU's GEMM) through torch, as F.linear runs it (rows flattened: addmm with
-        a bias, else mm), writing into `out[0]` when given. Also the GPU face: no Triton kernel."""
+        """cuBLAS (or the CPU's GEMM) through torch on the flattened rows (addmm with a bias, else
+        mm), writing into `out[0]` when given. Also the GPU face: no Triton kernel."""
         import torch
-        import torch.nn.functional as F
 
         x, w = inputs[0], inputs[1]
         bias = inputs[2] if len(inputs) > 2 else None
         o = out[0] if out and out[0] is not None else None
-        if o is None or not x.is_contiguous():
-            return [F.linear(x, w, bias)]
-        x2, o2 = x.view(-1, x.shape[-1]), o.view(-1, w.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        o2 = o.view(-1, w.shape[1]) if o is not None else None
         if bias is not None:
-            torch.addmm(bias, x2, w.t(), out=o2)
+            y = torch.addmm(bias, x2, w, out=o2) if o2 is not None else torch.addmm(bias, x2, w)
         else:
-            torch.mm(x2, w.t(), out=o2)
-        return [o]
+            y = torch.mm(x2, w, out=o2) if o2 is not None else torch.mm(x2, w)
+        return [y.view(*x.shape[:-1], w.shape[1])]
 
     triton_kernel = torch_reference
 
     def infer(self, node):
         xs, ws = shape_of(node.inputs[0]), shape_of(node.inputs[1])
-        return [(dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])]
+        return [(dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[1]])]
 
     def lower_ort(self, emit: Emitter, node, opset):
         x, w = node.inputs[0], node.inputs[1]
-        wt = emit.const(np.ascontiguousarray(np.asarray(w.values).T), np.asarray(w.values).dtype)
         if len(node.inputs) > 2:
-            (y,) = emit.op("MatMul", [x, wt], 1)
+            (y,) = emit.op("MatMul", [x, w], 1)
             emit.op("Add", [y, node.inputs[2]], [node.outputs[0]])
         else:
-            emit.op("MatMul", [x, wt], [node.outputs[0]])
+            emit.op("MatMul", [x, w], [node.outputs[0]])
