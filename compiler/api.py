@@ -30,8 +30,8 @@ from .pass_manager import PassManager, records_json
 
 log = logging.getLogger("mmc")
 
-TARGETS = ("ort", "cuda")
-PLANNED_TARGETS = ("tensorrt",)
+TARGETS = ("ort", "cuda", "tensorrt")
+PLANNED_TARGETS: tuple[str, ...] = ()
 
 
 @dataclass
@@ -114,7 +114,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                   max_drop: float | None = None, calib=None, calib_method: str = "minmax",
                   calib_percentile: float = 99.99, smooth_alpha: float | None = 0.5,
                   kv_cache: str | None = None, precision: str | None = None,
-                  accuracy_report: bool = True) -> CompileResult:
+                  accuracy_report: bool = True, trt_capabilities: list[str] | None = None,
+                  max_batch: int = 4, max_seq_len: int = 2048) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
     from mmc.runtime import engine_format as fmt
@@ -122,9 +123,11 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     if target not in TARGETS:
         hint = " (planned, not in this release)" if target in PLANNED_TARGETS else ""
         raise MmcError(f"unknown target {target!r}{hint}; available: {', '.join(TARGETS)}")
-    precision = precision or ("bf16" if target == "cuda" else "fp32")
+    precision = precision or ("fp32" if target == "ort" else "bf16")
     if target == "ort" and precision != "fp32":
         raise MmcError(f"--precision {precision}: target ort engines are fp32 (mixed precision is for --target cuda)")
+    if target == "tensorrt" and (max_batch < 1 or max_seq_len < 2):
+        raise MmcError(f"--max-batch must be >= 1 and --max-seq-len >= 2 (got {max_batch}, {max_seq_len})")
     for spec in pass_modules:
         registry.load_pass_module(spec)
     pipeline = registry.resolve_pipeline(passes)
@@ -199,6 +202,14 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                     manifest_components[comp.name]["fused_ops"] = fused_ops
                     result.nodes[comp.name] = (nodes_export, len(graph.nodes))
                     continue
+                if target == "tensorrt":
+                    from .tensorrt import build_engine
+
+                    manifest_components[comp.name] = build_engine(graph, comp.name, precision, stage, trt_capabilities,
+                                                                  max_batch, max_seq_len)
+                    manifest_components[comp.name]["fused_ops"] = fused_ops
+                    result.nodes[comp.name] = (nodes_export, len(graph.nodes))
+                    continue
                 graph = lower_graph(graph, target)
                 model_proto = ir.to_model(graph)
                 rel = f"graphs/{comp.name}.onnx"
@@ -233,8 +244,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                 "passes": pipeline,
                 "quantization": result.quantization,
                 "target": target,
-                "target_info": {"runtime": "mmc-cuda", "precision": precision, "plan_format": 1} if target == "cuda"
-                else {"runtime": "onnxruntime", "opset": int(model_proto.opset_import[0].version)},
+                "target_info": _target_info(target, precision, manifest_components,
+                                            model_proto if target == "ort" else None),
                 "components": manifest_components,
                 "host": adapter.host_metadata(),
                 "host_weights": "weights/host.safetensors",
@@ -244,6 +255,16 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
         bar.close()
         result.seconds = bar.seconds
     return result
+
+
+def _target_info(target: str, precision: str, components: dict, model_proto) -> dict:
+    if target == "cuda":
+        return {"runtime": "mmc-cuda", "precision": precision, "plan_format": 1}
+    if target == "tensorrt":
+        from .tensorrt import manifest_target_info
+
+        return manifest_target_info(components)
+    return {"runtime": "onnxruntime", "opset": int(model_proto.opset_import[0].version)}
 
 
 def _remove_export(path: Path) -> None:

@@ -37,6 +37,8 @@ def cmd_compile(args) -> int:
         calib=args.calib, calib_method=args.calib_method, calib_percentile=args.calib_percentile,
         smooth_alpha=None if args.no_smooth else args.smooth_alpha, kv_cache=args.kv_cache, precision=args.precision,
         accuracy_report=not args.no_accuracy_report,
+        trt_capabilities=args.trt_capability.split(",") if args.trt_capability else None,
+        max_batch=args.max_batch, max_seq_len=args.max_seq_len,
         pass_modules=args.pass_module,
         progress=not args.quiet,
     )
@@ -164,9 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="engine folder to write (default: <model>.mmc)")
     c.add_argument("--passes", default="all", help="'all' (default), 'none', or a comma list, e.g. all,my-pass")
     c.add_argument("--target", default="ort", choices=TARGETS,
-                   help="backend the engine is for: ort (ONNX Runtime, default) or cuda (mmc's own GPU engine)")
+                   help="backend the engine is for: ort (ONNX Runtime, default), cuda (mmc's own GPU engine) or "
+                        "tensorrt (TensorRT-RTX or TensorRT >= 10, mmc's ops as plugins)")
     c.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="float precision of a cuda engine's weights and activations (default: bf16; ort: fp32)")
+                   help="float precision of a cuda / tensorrt engine's weights and activations (default: bf16; "
+                        "ort: fp32)")
+    c.add_argument("--trt-capability", metavar="CC[,CC]", default=None,
+                   help="tensorrt: GPU compute capabilities to build for, e.g. 8.9,12.0 (default: TensorRT-RTX's "
+                        "8.0,8.6,8.9,12.0,12.1; full TensorRT: the GPU here)")
+    c.add_argument("--max-batch", type=int, default=4, help="tensorrt: largest batch the profiles allow (default: 4)")
+    c.add_argument("--max-seq-len", type=int, default=2048,
+                   help="tensorrt: longest sequence (prompt + generated) the profiles allow (default: 2048)")
     c.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"),
                    help="torch ONNX exporter (default: dynamo; torchscript traces faster)")
     c.add_argument("--opset", type=int, default=None,

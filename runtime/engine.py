@@ -294,12 +294,17 @@ class Engine(BaseEngine):
 
 def load(path: str | Path, device: str = "auto", verify: bool = True, **options) -> BaseEngine:
     """Load an engine folder written by `mmc compile`, for the target its manifest names
-    ("ort": ONNX Runtime; "cuda": mmc's own engine; options such as max_seq_len go to it)."""
+    ("ort": ONNX Runtime; "cuda": mmc's own engine; options such as max_seq_len go to it;
+    "tensorrt": checked against the TensorRT and GPU here, see runtime/tensorrt/engine.py)."""
     target = fmt.read_manifest(Path(path), verify_hashes=False).get("target")
     if target == "cuda":
         from .cuda.engine import CudaEngine
 
         return CudaEngine(path, device=device, verify=verify, **options)
+    if target == "tensorrt":
+        from .tensorrt.engine import TensorRTEngine
+
+        return TensorRTEngine(path, device=device, verify=verify, **options)
     if options:
         raise MmcError(f"options {sorted(options)} apply to cuda engines only")
     return Engine(path, device=device, verify=verify)

@@ -150,5 +150,6 @@ def read_manifest(root: str | Path, verify_hashes: bool = True) -> dict:
 
 
 def _component_files(target: str) -> tuple[str, ...]:
-    """The files a component of this target names: an ONNX graph, or a plan and its weights."""
-    return ("plan", "weights") if target == "cuda" else ("graph",)
+    """The files a component of this target names: an ONNX graph, a plan and its weights, or a
+    serialized TensorRT engine."""
+    return {"cuda": ("plan", "weights"), "tensorrt": ("engine",)}.get(target, ("graph",))
