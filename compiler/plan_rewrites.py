@@ -52,15 +52,8 @@ def weight_only(graph: gs.Graph) -> int:
             s, attrs = np.ascontiguousarray(scale.T), {"bits": 4, "group_size": int(dq.attrs["block_size"]), "k": k}
         base = dq.inputs[0].name
         ins = [node.inputs[0], gs.Constant(f"{base}_nk", w), gs.Constant(f"{base}_scale_nk", s)]
-        y = node.outputs[0]
-        bias = _absorbed_bias(graph, y, codes.shape[1])
-        if bias is not None:
-            ins.append(bias)
-            y = y.outputs[0].outputs[0]
-            y.inputs.clear()
-        fused = gs.Node("WeightOnlyMatMul", f"{node.name}_woq", attrs, ins, [y], domain="mmc")
-        node.outputs.clear()
-        graph.nodes.append(fused)
+        _replace_gemm(graph, node, gs.Node("WeightOnlyMatMul", f"{node.name}_woq", attrs, ins, domain="mmc"),
+                      codes.shape[1])
         hits += 1
     if hits:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -102,20 +95,26 @@ def linear(graph: gs.Graph) -> int:
         x, w = node.inputs
         if not isinstance(w, gs.Constant) or w.values.ndim != 2 or np.asarray(w.values).dtype.kind != "f":
             continue
-        y = node.outputs[0]
-        ins = [x, w]
-        bias = _absorbed_bias(graph, y, w.values.shape[1])
-        if bias is not None:
-            ins.append(bias)
-            y = y.outputs[0].outputs[0]
-            y.inputs.clear()
-        fused = gs.Node("Linear", f"{node.name}_linear", {}, ins, [y], domain="mmc")
-        node.outputs.clear()
-        graph.nodes.append(fused)
+        _replace_gemm(graph, node, gs.Node("Linear", f"{node.name}_linear", {}, [x, w], domain="mmc"),
+                      w.values.shape[1])
         hits += 1
     if hits:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return hits
+
+
+def _replace_gemm(graph: gs.Graph, gemm: gs.Node, fused: gs.Node, n: int) -> None:
+    """Put `fused` (its inputs but the bias set) in the place of `gemm`, taking in the constant
+    bias Add that is the GEMM's only reader (its output becomes the fused node's)."""
+    y = gemm.outputs[0]
+    bias = _absorbed_bias(graph, y, n)
+    if bias is not None:
+        fused.inputs.append(bias)
+        y = y.outputs[0].outputs[0]
+        y.inputs.clear()
+    gemm.outputs.clear()
+    fused.outputs.append(y)
+    graph.nodes.append(fused)
 
 
 def _absorbed_bias(graph: gs.Graph, y: gs.Tensor, n: int) -> gs.Constant | None:
