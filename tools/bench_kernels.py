@@ -145,9 +145,28 @@ def main(argv=None) -> int:
         for bk in (128, 256, 512):
             for warps in (4, 8):
                 cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
-                t, _ = bench(lambda: weight_only_matmul(x1, w8, sc8, 8, decode=cfg))
+                t, _ = bench(lambda: weight_only_matmul(x1, w8, sc8, 8, tile=cfg))
                 print(f"  sweep int8 [1,{inter}]x[{inter},{2 * inter}] {cfg}: {t * 1e3:7.1f} us "
                       f"{inter * 2 * inter / t / 1e6:6.0f} GB/s", flush=True)
+    # prefill tile sweep (M = 32, a short prompt; M = 312, a 448² image prompt): the default is
+    # plugins/linear/kernels.PREFILL; bf16 cuBLAS on the same shape for reference
+    wb = wf.to(dev, bf)
+    for m in (32, 312):
+        xm = torch.randn(m, inter, device=dev, dtype=bf)
+        t, _ = bench(lambda: xm @ wb)
+        print(f"  sweep prefill bf16 cuBLAS [{m},{inter}]x[{inter},{2 * inter}]: {t * 1e3:7.1f} us", flush=True)
+        for bm in (16, 32, 64, 128):
+            for bn in (64, 128):
+                for bk in (64, 128):
+                    for warps in (4, 8):
+                        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps}
+                        try:
+                            t, _ = bench(lambda: weight_only_matmul(xm, w8, sc8, 8, tile=cfg))
+                        except Exception as e:  # a tile too big for shared memory
+                            print(f"  sweep prefill int8 [{m}] {cfg}: failed ({type(e).__name__})", flush=True)
+                            continue
+                        print(f"  sweep prefill int8 [{m},{inter}]x[{inter},{2 * inter}] {cfg}: {t * 1e3:7.1f} us",
+                              flush=True)
     logits = torch.randn(1, 151936, device=dev) * 4
     u = torch.rand(1, 151936, device=dev)
 

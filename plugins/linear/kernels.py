@@ -119,18 +119,18 @@ DECODE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best 
 PREFILL = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
 
 
-def config(m: int, n: int, k_loop: int, decode: dict | None = None) -> dict:
-    """Tile sizes and split-K for M rows, N outputs and k_loop positions to walk (K, or K/2 for int4)."""
-    if m > 16:
-        return dict(PREFILL, splits=1)
-    cfg = dict(decode or DECODE)
-    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+def config(m: int, n: int, k_loop: int, tile: dict | None = None) -> dict:
+    """Tile sizes and split-K for M rows, N outputs and k_loop positions to walk (K, or K/2 for
+    int4): `tile` (a sweep's candidate) or DECODE / PREFILL; K is split until there are about
+    SMS_TARGET programs (decode shapes; prefill has enough tiles and keeps splits=1)."""
+    cfg = dict(tile or (DECODE if m <= 16 else PREFILL))
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     cfg.setdefault("splits", max(1, min(triton.cdiv(SMS_TARGET, tiles), k_loop // (4 * cfg["BLOCK_K"]))))
     return cfg
 
 
 def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bits: int, group: int = 0,
-                       decode: dict | None = None, out=None, bias: torch.Tensor | None = None) -> torch.Tensor:
+                       tile: dict | None = None, out=None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ Ŵ (+ bias [N]) -> [..., N] in x's dtype; w int8 [N, K] or packed uint8 [N, K/2]
     (see plugins/linear); out: the executor's buffer for the result (or None)."""
     n = w.shape[0]
@@ -138,7 +138,7 @@ def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bi
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     k_loop = k if bits == 8 else k // 2
-    cfg = config(m, n, k_loop, decode)
+    cfg = config(m, n, k_loop, tile)
     splits = cfg.pop("splits")
     k_per_split = triton.cdiv(triton.cdiv(k_loop, splits), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
     splits = triton.cdiv(k_loop, k_per_split)
