@@ -155,6 +155,7 @@ def main(argv=None) -> int:
         xm = torch.randn(m, inter, device=dev, dtype=bf)
         t, _ = bench(lambda: xm @ wb)
         print(f"  sweep prefill bf16 cuBLAS [{m},{inter}]x[{inter},{2 * inter}]: {t * 1e3:7.1f} us", flush=True)
+        want = (xm.float() @ (w8.float() * sc8[:, None]).T)
         for bm in (16, 32, 64, 128):
             for bn in (64, 128):
                 for bk in (64, 128):
@@ -165,8 +166,10 @@ def main(argv=None) -> int:
                         except Exception as e:  # a tile too big for shared memory
                             print(f"  sweep prefill int8 [{m}] {cfg}: failed ({type(e).__name__})", flush=True)
                             continue
-                        print(f"  sweep prefill int8 [{m},{inter}]x[{inter},{2 * inter}] {cfg}: {t * 1e3:7.1f} us",
-                              flush=True)
+                        got = weight_only_matmul(xm, w8, sc8, 8, tile=cfg).float()
+                        err = ((got - want).abs().max() / want.abs().max()).item()
+                        print(f"  sweep prefill int8 [{m},{inter}]x[{inter},{2 * inter}] {cfg}: {t * 1e3:7.1f} us "
+                              f"(rel err {err:.1e} vs the dequantized weight)", flush=True)
     logits = torch.randn(1, 151936, device=dev) * 4
     u = torch.rand(1, 151936, device=dev)
 
