@@ -17,11 +17,14 @@ decides at build time is declared here, per op, from the op's spec (plugins/<op>
     shapes      output dims as expressions of the input dims (TensorRT's IExprBuilder)
 
 `MmcPlugin` implements the build-time interface (output types and shapes, format combinations,
-configure, field serialization, clone) generically from those tables. Its runtime side (enqueue)
-is not implemented in this release: no GPU here can run a TensorRT engine with mmc's plugins
-(TensorRT-RTX does not run on Hopper, full TensorRT is not installable), so a kernel dispatch
-could not be tested; enqueue raises. `register(trt)` registers every creator with the module's
-plugin registry (needed by the builder and, later, by a runtime).
+configure, field serialization, clone) generically from those tables. At run time `enqueue`
+wraps TensorRT's device pointers as torch tensors (`__cuda_array_interface__`), and `run_plugin`
+computes the op with the cuda target's kernels (the Triton kernel where there is one, else the
+torch path, exactly as the cuda executor runs the op) on TensorRT's stream and writes the
+results into TensorRT's outputs. `run_plugin` is tested on CPU tensors; `enqueue` itself has not
+run anywhere: no GPU reachable here runs a TensorRT engine with plugins (TensorRT-RTX does not
+run on Hopper, full TensorRT is not installable). `register(trt)` registers every creator with
+the module's plugin registry (the builder and a runtime both need it).
 """
 
 from __future__ import annotations
@@ -204,7 +207,13 @@ def plugin_classes(trt):
             return MmcPlugin(self.op, self.attrs, self.phase)
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-            raise RuntimeError(f"mmc.{self.op}: running mmc's TensorRT plugins is not implemented in this release")
+            import torch
+
+            ins = [device_tensor(trt, ptr, d) for ptr, d in zip(inputs, input_desc)]
+            outs = [device_tensor(trt, ptr, d) for ptr, d in zip(outputs, output_desc)]
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+                run_plugin(self.op, self.attrs, ins, outs)
+            return 0
 
     class MmcPluginCreator(trt.IPluginCreatorV3One):
         def __init__(self, op: str):
@@ -219,6 +228,45 @@ def plugin_classes(trt):
             return MmcPlugin(self.op, decode_fields(self.op, fields), phase)
 
     return MmcPlugin, MmcPluginCreator
+
+
+def run_plugin(op: str, attrs: dict, inputs: list, outputs: list) -> None:
+    """Compute mmc.<op> on `inputs` (torch tensors in the node's order: the positions in
+    `mmc_inputs`) into `outputs` (tensors of the plugin's output dtypes and shapes), with the
+    kernels the cuda target's executor uses for the op."""
+    from mmc.plugins import OPS
+    from mmc.runtime.cuda.executor import op_kernel
+
+    present = attrs.get("mmc_inputs", list(range(len(inputs))))
+    full: list = [None] * (max(present) + 1)
+    for i, t in zip(present, inputs):
+        full[i] = t
+    op_attrs = {k: v for k, v in attrs.items() if k not in LOWERING_FIELDS}
+    results = op_kernel(OPS[op], inputs[0].is_cuda)(full, op_attrs)
+    for dst, src in zip(outputs, results):
+        dst.copy_(src.reshape(dst.shape))
+
+
+_TYPESTR = {"FLOAT": ("<f4", None), "HALF": ("<f2", None), "BF16": ("<i2", "bfloat16"), "INT8": ("|i1", None),
+            "INT32": ("<i4", None), "INT64": ("<i8", None), "BOOL": ("|b1", None), "FP8": ("|u1", "float8_e4m3fn")}
+
+
+class _DeviceArray:
+    """A device pointer as __cuda_array_interface__ (what torch.as_tensor wraps without a copy)."""
+
+    def __init__(self, ptr: int, shape: tuple, typestr: str):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (int(ptr), False),
+                                         "version": 3, "strides": None}
+
+
+def device_tensor(trt, ptr: int, desc):
+    """TensorRT's (pointer, PluginTensorDesc) -> a torch tensor over that memory."""
+    import torch
+
+    name = str(desc.type).split(".")[-1]
+    typestr, view = _TYPESTR[name]
+    t = torch.as_tensor(_DeviceArray(ptr, tuple(desc.dims), typestr), device="cuda")
+    return t.view(getattr(torch, view)) if view else t
 
 
 _REGISTERED: dict[int, list] = {}

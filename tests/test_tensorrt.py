@@ -224,3 +224,40 @@ def test_precision_lowering_types_every_node_consistently():
     assert types["table"] == onnx.TensorProto.FLOAT  # positions stay exact in float32
     inits = {t.name: t.data_type for t in m.graph.initializer}
     assert inits["w_bf16"] == inits["scale_bf16"] == onnx.TensorProto.BFLOAT16 and inits["codes"] == onnx.TensorProto.INT8
+
+
+# ---- the plugins' run-time computation (enqueue's core), on CPU tensors -------------------------
+def test_run_plugin_computes_each_op_into_the_outputs():
+    """run_plugin (what enqueue calls on TensorRT's wrapped pointers) fills the outputs with the
+    op's reference values, inputs given as the node has them (absent positions dropped)."""
+    import torch
+
+    from mmc.plugins import OPS
+    from mmc.plugins.tensorrt import run_plugin
+
+    rng = np.random.default_rng(0)
+
+    def r(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    q, k, v, pk, pv = r(1, 4, 3, 16), r(1, 2, 3, 16), r(1, 2, 3, 16), r(1, 2, 5, 16), r(1, 2, 5, 16)
+    mask = np.tril(np.ones((3, 8), dtype=bool), k=5)[None, None]
+    attn = {"num_heads": 4, "kv_heads": 2, "scale": 0.25, "nan_to_zero": 0}
+    cases = [
+        ("RMSNorm", [r(2, 5, 32), r(32)], [0, 1], {"epsilon": 1e-6}),
+        ("SkipRMSNorm", [r(2, 5, 32), r(2, 5, 32), r(32)], [0, 1, 2], {"epsilon": 1e-6}),
+        ("SwiGLU", [r(2, 5, 48)], [0], {"activation": "silu"}),
+        ("RotaryEmbedding", [r(1, 4, 5, 16), r(1, 5, 16), r(1, 5, 16)], [0, 1, 2],
+         {"rotary_dim": 0, "layout": "bnsd", "halves_equal": 0}),
+        ("Attention", [q, k, v, pk, pv, mask], [0, 1, 2, 3, 4, 5], attn),
+        ("Attention", [q, k, v, np.ones((1, 1, 3, 3), bool)], [0, 1, 2, 5], attn),
+    ]
+    for op, ins, present, attrs in cases:
+        full = [None] * (max(present) + 1)
+        for i, a in zip(present, ins):
+            full[i] = a
+        want = OPS[op].reference(full, attrs)
+        outs = [torch.empty(w.shape, dtype=torch.float32) for w in want]
+        run_plugin(op, attrs | {"mmc_inputs": present, "mmc_outputs": len(want)}, [torch.from_numpy(a) for a in ins], outs)
+        for got, w in zip(outs, want):
+            np.testing.assert_allclose(got.numpy(), w, rtol=1e-4, atol=1e-5, err_msg=op)

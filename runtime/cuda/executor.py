@@ -90,7 +90,7 @@ class Executor:
         self.triton = use_triton(kernels, self.device)
         self.steps = plan["steps"]
         self.attrs = [{k: _attr(v) for k, v in s["attrs"].items()} for s in self.steps]
-        self.kernels = [_mmc_kernel(MMC_OPS[s["op"]], self.triton) if s["domain"] == "mmc" else OPS[s["op"]]
+        self.kernels = [op_kernel(MMC_OPS[s["op"]], self.triton) if s["domain"] == "mmc" else OPS[s["op"]]
                         for s in self.steps]
         # kernels that write into given memory: the arena's candidates
         self.out_kernels = [(self.kernels[i] if self.triton and MMC_OPS[s["op"]].writes_out
@@ -258,7 +258,7 @@ class Executor:
         return [attention(q, kf, vf, mask, attrs)]
 
 
-def _mmc_kernel(op, triton: bool):
+def op_kernel(op, triton: bool):
     """An mmc op's kernel: its Triton kernel where one applies (writing into `out` where given),
     else the torch path (Attention: the reference's cache handling around the device's attention,
     sdpa on CUDA)."""

@@ -5,8 +5,10 @@ the TensorRT flavour and version the engine was built with are importable here, 
 present, and its compute capability is one the engine was built for (runtime/tensorrt).
 Where all hold, the serialized engines are deserialized with mmc's plugin creators registered
 and an execution context is made per optimization profile (decoder: prefill and decode).
-Generating with them is not implemented in this release (mmc's plugins have no enqueue yet, see
-plugins/tensorrt.py): no GPU reachable from this project can run a TensorRT engine with plugins.
+The generation loop over them (embedding, binding the I/O and the KV-cache buffers by address
+per phase, the decode steps) is not implemented in this release: no GPU reachable from this
+project can run a TensorRT engine with plugins, so it could not be tested (plugins/tensorrt.py's
+enqueue is written but has not run either).
 """
 
 from __future__ import annotations
@@ -48,6 +50,6 @@ class TensorRTEngine:
 
     def generate(self, *args, **kwargs):
         raise MmcError("generating with a tensorrt engine is not implemented in this release "
-                       "(mmc's TensorRT plugins have no kernels wired yet); use --target cuda to run on this GPU")
+                       "(the engine loads; its generation loop is not written); use --target cuda to run on this GPU")
 
     stream = generate
