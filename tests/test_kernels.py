@@ -168,7 +168,7 @@ def test_decode_attention_quantized_cache(kind):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("m", [1, 3, 40, 80])  # decode, decode, short prefill tile, prefill tile
 @pytest.mark.parametrize("k", [384, 512])  # 512: int4 tiles lie inside one group (scale after the dot)
 def test_weight_only_matmul(dtype, bits, m, k):
     """Codes and scales from the project's quantizers; the kernel against the op's numpy reference.

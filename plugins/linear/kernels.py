@@ -8,7 +8,7 @@ about two programs per SM. Each split stores its float32 partial [M, N-tile] in 
 counts itself in on the tile's counter (an atomic); the last split to arrive sums the partials,
 adds the bias, rounds once to x's dtype and writes the result, then resets the counter for the
 next call. One kernel per GEMM: no reduce, cast or bias kernels after it. Prefill (M > 16) uses
-larger M tiles and no split.
+larger tiles (two sizes, by M) and no split.
 
     bits 8:  acc = x[:, k-tile] · codes[n-tile, k-tile]ᵀ;  y = acc · scale[n]
     bits 4:  byte j holds k = j (low nibble) and k = j + K/2 (high nibble), so each tile of
@@ -115,15 +115,19 @@ def _counters(device, n: int):
     return have
 
 
-DECODE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of the H100 sweep (tools/bench_kernels.py)
-PREFILL = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
+# best of the H100 sweeps (tools/bench_kernels.py; docs/bench-data/2026-11-22-h100-kernels-prefill-sweep.json):
+# [M, 11008] x [11008, 22016] int8 at M = 32: 116.9 us (bf16 cuBLAS 165.9, the old 64/64/64 tile 233.3);
+# at M = 312: 470.1 us (cuBLAS 238.8, old 746.1)
+DECODE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}
+PREFILL_SHORT = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4}  # 16 < M <= 64
+PREFILL = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
 
 
 def config(m: int, n: int, k_loop: int, tile: dict | None = None) -> dict:
     """Tile sizes and split-K for M rows, N outputs and k_loop positions to walk (K, or K/2 for
     int4): `tile` (a sweep's candidate) or DECODE / PREFILL; K is split until there are about
     SMS_TARGET programs (decode shapes; prefill has enough tiles and keeps splits=1)."""
-    cfg = dict(tile or (DECODE if m <= 16 else PREFILL))
+    cfg = dict(tile or (DECODE if m <= 16 else PREFILL_SHORT if m <= 64 else PREFILL))
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     cfg.setdefault("splits", max(1, min(triton.cdiv(SMS_TARGET, tiles), k_loop // (4 * cfg["BLOCK_K"]))))
     return cfg
