@@ -14,7 +14,8 @@ The rule (as in compiler/plan.py):
                   codes quantized)
     kept          inputs a node must read in float32 whatever the activations are (`keep`,
                   e.g. the KV-cache scales of mmc.Attention) are left alone
-Cast(activation, to=float32) becomes a cast to the target dtype.
+Cast(…, to=float32) whose result is an activation becomes a cast to the target dtype. Constants
+saturate to the target's finite range (a float32.min mask constant stays finite in bf16).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def lower_precision(graph: gs.Graph, precision: str, keep: Callable[[gs.Node, in
 
     def weight(c: gs.Constant) -> gs.Constant:
         if c.name not in converted:
-            arr = np.asarray(c.values).astype(np.float32).astype(np_type)
+            big = float(np.finfo(np.float16).max) if precision == "fp16" else 3.3895313892515355e38  # bf16's largest
+            arr = np.clip(np.asarray(c.values).astype(np.float32), -big, big).astype(np_type)  # float32.min stays finite
             converted[c.name] = lazy_constant(f"{c.name}_{precision}", arr)
             stats["weights"] += 1
         return converted[c.name]
@@ -81,7 +83,7 @@ def lower_precision(graph: gs.Graph, precision: str, keep: Callable[[gs.Node, in
             acts.add(node.outputs[0].name)
     for node in readers_act:
         if node.op == "Cast" and not node.domain and node.attrs.get("to") == onnx.TensorProto.FLOAT \
-                and node.inputs[0].name in acts:
+                and node.outputs[0].name in acts:
             node.attrs["to"] = onnx_type
             continue
         for i, t in enumerate(node.inputs):

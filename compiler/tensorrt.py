@@ -32,22 +32,38 @@ from .errors import MmcError
 
 log = logging.getLogger("mmc")
 
-# phase -> dim symbol -> (min, opt, max), from the engine limits
 def profiles(component: str, max_batch: int, max_seq: int) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """phase -> dim symbol -> (min, opt, max), from the engine limits (opt clamped into range)."""
+    def rng(lo: int, opt: int, hi: int) -> tuple[int, int, int]:
+        return lo, max(lo, min(opt, hi)), hi
+
     if component == "vision":  # patches of one prompt's images (4 per merged token)
-        return {"vision": {"patches": (4, 1024, 4 * max_seq), "merged": (1, 256, max_seq)}}
-    opt = min(128, max_seq)
+        return {"vision": {"patches": rng(4, 1024, 4 * max_seq), "merged": rng(1, 256, max_seq)}}
     return {
-        "prefill": {"batch": (1, 1, max_batch), "seq": (1, opt, max_seq), "past": (0, 0, 0), "total": (1, opt, max_seq)},
-        "decode": {"batch": (1, 1, max_batch), "seq": (1, 1, 1), "past": (1, opt, max_seq - 1),
-                   "total": (2, opt + 1, max_seq)},
+        "prefill": {"batch": rng(1, 1, max_batch), "seq": rng(1, 128, max_seq), "past": (0, 0, 0),
+                    "total": rng(1, 128, max_seq)},
+        "decode": {"batch": rng(1, 1, max_batch), "seq": (1, 1, 1), "past": rng(1, 128, max_seq - 1),
+                   "total": rng(2, 129, max_seq)},
     }
+
+
+def _gpu_capability() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"{major}.{minor}"
+    except ImportError:
+        pass
+    raise MmcError("full TensorRT builds on the GPU it targets, and no CUDA GPU is available here "
+                   "(TensorRT-RTX builds without one: pip install tensorrt-rtx)")
 
 
 def prepare(graph: gs.Graph, component: str, precision: str) -> dict:
     """The graph as the parser gets it (in place); returns what was done."""
     from mmc.plugins import DOMAIN
-    from mmc.plugins.tensorrt import ROLES, plugin_name
+    from mmc.plugins.tensorrt import NAMESPACE, ROLES, plugin_name
 
     from .plan_rewrites import last_logits
     from .precision import lower_precision
@@ -67,6 +83,7 @@ def prepare(graph: gs.Graph, component: str, precision: str) -> dict:
             node.outputs.pop()
         node.attrs["mmc_inputs"] = kept
         node.attrs["mmc_outputs"] = len(node.outputs)
+        node.attrs["plugin_namespace"] = NAMESPACE  # (parsers that do not fall back to the domain)
         plugins[node.op] = plugins.get(node.op, 0) + 1
         node.op = plugin_name(node.op)
 
@@ -141,6 +158,12 @@ def build_engine(graph: gs.Graph, component: str, precision: str, stage: Path, c
     from mmc.runtime.tensorrt import RTX_CAPABILITIES, capability_name, load_trt
 
     trt, flavour = load_trt(flavour)
+    if flavour == "tensorrt":  # full TensorRT builds for the GPU it runs on
+        here = _gpu_capability()
+        if capabilities and capabilities != [here]:
+            raise MmcError(f"full TensorRT builds for the GPU here (compute capability {here}), "
+                           f"not {', '.join(capabilities)}; TensorRT-RTX builds for others")
+        capabilities = [here]
     if flavour == "tensorrt_rtx":
         fp8 = any(_is_fp8(t) for t in graph.tensors().values())
         capabilities = capabilities or [c for c in RTX_CAPABILITIES if float(c) >= (8.9 if fp8 else 8.0)]
@@ -171,7 +194,7 @@ def build_engine(graph: gs.Graph, component: str, precision: str, stage: Path, c
                            f"{first.node_name() or first.node()!r} ({first.node_operator()}): {first.desc()}"
                            + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
     config = builder.create_builder_config()
-    if capabilities and hasattr(config, "set_compute_capability"):
+    if flavour == "tensorrt_rtx":
         config.num_compute_capabilities = len(capabilities)
         for i, cc in enumerate(capabilities):
             config.set_compute_capability(getattr(trt.ComputeCapability, capability_name(cc)), i)
@@ -182,8 +205,9 @@ def build_engine(graph: gs.Graph, component: str, precision: str, stage: Path, c
             t = network.get_input(i)
             shape = [_dim_range(d, dims, t.name, component) for d in _symbols(graph, t.name, t.shape)]
             profile.set_shape(t.name, *[tuple(r[k] for r in shape) for k in range(3)])
-        config.add_optimization_profile(profile)
-    cache_file = timing_cache_path(flavour, trt.__version__, capabilities or ["current"])
+        if config.add_optimization_profile(profile) < 0:
+            raise MmcError(f"target tensorrt: TensorRT rejected the {component} optimization profile {dims}")
+    cache_file = timing_cache_path(flavour, trt.__version__, capabilities)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=True)
     config.progress_monitor = _Progress(trt)
@@ -215,7 +239,7 @@ def build_engine(graph: gs.Graph, component: str, precision: str, stage: Path, c
         "precision_lowering": done["precision"],
         "build_seconds": round(seconds, 2),
         "_target": {"runtime": "tensorrt", "flavour": flavour, "version": trt.__version__,
-                    "compute_capabilities": capabilities or ["current"], "precision": precision},
+                    "compute_capabilities": capabilities, "precision": precision},
     }
 
 

@@ -24,7 +24,9 @@ trt, FLAVOUR = load_trt()  # an MmcError naming the package when the test extra 
 def engines(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     out = {}
-    for mode, flags in (("bf16", []), ("int8", ["--int8", "--no-accuracy-report"])):
+    # the int8 engine also has small limits: every profile's opt must lie inside its range
+    for mode, flags in (("bf16", []), ("int8", ["--int8", "--no-accuracy-report", "--max-seq-len", "64",
+                                                "--max-batch", "2"])):
         out[mode] = root / f"tiny-trt-{mode}.mmc"
         run_mmc("compile", tiny_dir, "--passes", "all", "--target", "tensorrt", *flags, "-o", out[mode], "-q")
     return out
@@ -50,6 +52,11 @@ def test_compile_builds_engines_with_every_mmc_op_a_plugin(engines, mode):
     dec = man["components"]["decoder"]
     assert dec["profiles"] == {"prefill": 0, "decode": 1}
     assert dec["profile_dims"]["decode"]["seq"] == [1, 1, 1] and dec["profile_dims"]["prefill"]["past"] == [0, 0, 0]
+    limit = 64 if mode == "int8" else 2048
+    assert dec["profile_dims"]["decode"]["total"][2] == limit
+    for comp in man["components"].values():
+        for dims in comp["profile_dims"].values():
+            assert all(lo <= opt <= hi for lo, opt, hi in dims.values()), dims
 
 
 def test_int8_engine_keeps_the_weights_quantized(engines):
@@ -208,22 +215,32 @@ def test_precision_lowering_types_every_node_consistently():
     codes, scale = gs.Constant("codes", np.ones((8, 8), np.int8)), gs.Constant("scale", np.full(8, 0.5, np.float32))
     posf, table, h, wq, y = (gs.Variable(n, np.float32) for n in ("posf", "table", "h", "wq", "y"))
     h2, y2 = gs.Variable("h2", np.float32), gs.Variable("y2", np.float32)
+    pos_b, pos_f, y3 = gs.Variable("pos_b", np.bool_), gs.Variable("pos_f", np.float32), gs.Variable("y3", np.float32)
+    y4 = gs.Variable("y4", np.float32)
     nodes = [gs.Node("Cast", "c", {"to": onnx.TensorProto.FLOAT}, [pos], [posf]),
              gs.Node("Unsqueeze", "u", {}, [posf, gs.Constant("ax", np.array([1], np.int64))], [table]),
              gs.Node("MatMul", "m", {}, [x, w], [h]),
              gs.Node("Mul", "mul", {}, [h, table], [h2]),
              gs.Node("DequantizeLinear", "dq", {"axis": 1}, [codes, scale], [wq]),
              gs.Node("MatMul", "m2", {}, [h2, wq], [y]),
-             gs.Node("Cast", "up", {"to": onnx.TensorProto.FLOAT}, [y], [y2])]
-    g = gs.Graph(nodes, [x, pos], [y2], opset=21)
+             gs.Node("Cast", "up", {"to": onnx.TensorProto.FLOAT}, [y], [y2]),
+             # a bool computed from an activation, cast to float and added to one
+             gs.Node("IsNaN", "nan", {}, [y2], [pos_b]),
+             gs.Node("Cast", "b2f", {"to": onnx.TensorProto.FLOAT}, [pos_b], [pos_f]),
+             gs.Node("Add", "add", {}, [y2, pos_f], [y3]),
+             gs.Node("Max", "floor", {}, [y3, gs.Constant("lowest", np.full(8, np.finfo(np.float32).min, np.float32))],
+                     [y4])]
+    g = gs.Graph(nodes, [x, pos], [y4], opset=21)
     stats = lower_precision(g, "bf16")
-    assert stats["casts"] == 1 and stats["weights"] == 2
+    assert stats["casts"] == 1 and stats["weights"] == 3
     m = onnx.shape_inference.infer_shapes(gs.export_onnx(g), strict_mode=True, check_type=True)
     types = {v.name: v.type.tensor_type.elem_type for v in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
-    assert types["x"] == types["h"] == types["y2"] == onnx.TensorProto.BFLOAT16
+    assert types["x"] == types["h"] == types["y2"] == types["pos_f"] == types["y3"] == onnx.TensorProto.BFLOAT16
     assert types["table"] == onnx.TensorProto.FLOAT  # positions stay exact in float32
     inits = {t.name: t.data_type for t in m.graph.initializer}
     assert inits["w_bf16"] == inits["scale_bf16"] == onnx.TensorProto.BFLOAT16 and inits["codes"] == onnx.TensorProto.INT8
+    lowest = next(t for t in m.graph.initializer if t.name == "lowest_bf16")
+    assert np.isfinite(onnx.numpy_helper.to_array(lowest).astype(np.float32)).all()  # saturated, not -inf
 
 
 # ---- the plugins' run-time computation (enqueue's core), on CPU tensors -------------------------

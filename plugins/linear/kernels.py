@@ -8,7 +8,7 @@ about two programs per SM. Each split stores its float32 partial [M, N-tile] in 
 counts itself in on the tile's counter (an atomic); the last split to arrive sums the partials,
 adds the bias, rounds once to x's dtype and writes the result, then resets the counter for the
 next call. One kernel per GEMM: no reduce, cast or bias kernels after it. Prefill (M > 16) uses
-larger tiles (two sizes, by M) and no split.
+larger tiles (two sizes, by M), split the same way when it has fewer tiles than SMS_TARGET.
 
     bits 8:  acc = x[:, k-tile] · codes[n-tile, k-tile]ᵀ;  y = acc · scale[n]
     bits 4:  byte j holds k = j (low nibble) and k = j + K/2 (high nibble), so each tile of
@@ -103,16 +103,22 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
         tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
-_COUNTERS: dict = {}  # device -> int32 tile counters, zero between calls (the last split resets its own)
+# device -> int32 tile counters, zero between calls (the last split of a tile resets its own). One
+# buffer per device, never replaced (CUDA graphs capture its address): split-K runs only when a GEMM
+# has fewer tiles than SMS_TARGET, far below its size. The engine runs its GEMMs on one stream; two
+# split-K GEMMs in flight at once on one device would share counters.
+_COUNTERS: dict = {}
+COUNTERS = 1 << 16
 
 
 def _counters(device, n: int):
     import torch
 
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        have = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return have
+    if n > COUNTERS:
+        raise ValueError(f"weight-only split-K over {n} tiles (at most {COUNTERS})")
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 # best of the H100 sweeps (tools/bench_kernels.py; docs/bench-data/2026-11-22-h100-kernels-prefill-sweep.json):
@@ -125,8 +131,8 @@ PREFILL = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8}
 
 def config(m: int, n: int, k_loop: int, tile: dict | None = None) -> dict:
     """Tile sizes and split-K for M rows, N outputs and k_loop positions to walk (K, or K/2 for
-    int4): `tile` (a sweep's candidate) or DECODE / PREFILL; K is split until there are about
-    SMS_TARGET programs (decode shapes; prefill has enough tiles and keeps splits=1)."""
+    int4): `tile` (a sweep's candidate) or DECODE / PREFILL_SHORT / PREFILL; K is split until there
+    are about SMS_TARGET programs (shapes with fewer tiles than that: decode, short prefills)."""
     cfg = dict(tile or (DECODE if m <= 16 else PREFILL_SHORT if m <= 64 else PREFILL))
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     cfg.setdefault("splits", max(1, min(triton.cdiv(SMS_TARGET, tiles), k_loop // (4 * cfg["BLOCK_K"]))))

@@ -52,6 +52,8 @@ def _link_soname(trt) -> None:
     if real.exists() and not link.exists():
         try:
             link.symlink_to(real.name)
+        except FileExistsError:  # another process made it first
+            pass
         except OSError as e:
             raise MmcError(f"TensorRT-RTX's parser needs {link} (a link to {real.name}), and it cannot be "
                            f"made ({e.strerror}); create it, or put such a link on LD_LIBRARY_PATH") from e
