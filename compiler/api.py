@@ -195,19 +195,13 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                         quant, manager.options, manager.float_models.get("decoder") if accuracy_report else None,
                         graph, max_drop)
                 bar.step(f"{comp.name}: writing the {'plan' if target == 'cuda' else 'graph'}")
-                if target == "cuda":
+                if target in ("cuda", "tensorrt"):
                     from .plan import write_plan
-
-                    manifest_components[comp.name] = write_plan(graph, comp.name, precision, stage)
-                    manifest_components[comp.name]["fused_ops"] = fused_ops
-                    result.nodes[comp.name] = (nodes_export, len(graph.nodes))
-                    continue
-                if target == "tensorrt":
                     from .tensorrt import build_engine
 
-                    manifest_components[comp.name] = build_engine(graph, comp.name, precision, stage, trt_capabilities,
-                                                                  max_batch, max_seq_len)
-                    manifest_components[comp.name]["fused_ops"] = fused_ops
+                    entry = write_plan(graph, comp.name, precision, stage) if target == "cuda" else \
+                        build_engine(graph, comp.name, precision, stage, trt_capabilities, max_batch, max_seq_len)
+                    manifest_components[comp.name] = entry | {"fused_ops": fused_ops}
                     result.nodes[comp.name] = (nodes_export, len(graph.nodes))
                     continue
                 graph = lower_graph(graph, target)

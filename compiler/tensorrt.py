@@ -2,8 +2,9 @@
 parser, mmc's ops as IPluginV3 plugins (plugins/tensorrt.py).
 
     prepare     last-position logits (the decoder; compiler/plan_rewrites.py), each mmc node
-                renamed to its plugin (Mmc<Op>), its optional inputs dropped (TensorRT has none; `mmc_inputs` records the positions
-                kept) and `mmc_outputs` set, then the graph in the engine precision
+                renamed to its plugin (Mmc<Op>), its optional inputs dropped (TensorRT has none;
+                `mmc_inputs` records the positions kept) and `mmc_outputs` set, then the graph in
+                the engine precision
                 (compiler/precision.py: strongly typed bf16 / fp16; fp32 as exported)
     parse       the ONNX file (weights as external data) with the plugin creators registered;
                 a node the parser cannot take is an MmcError naming it
@@ -31,6 +32,7 @@ from . import ir
 from .errors import MmcError
 
 log = logging.getLogger("mmc")
+
 
 def profiles(component: str, max_batch: int, max_seq: int) -> dict[str, dict[str, tuple[int, int, int]]]:
     """phase -> dim symbol -> (min, opt, max), from the engine limits (opt clamped into range)."""
@@ -63,7 +65,7 @@ def _gpu_capability() -> str:
 def prepare(graph: gs.Graph, component: str, precision: str) -> dict:
     """The graph as the parser gets it (in place); returns what was done."""
     from mmc.plugins import DOMAIN
-    from mmc.plugins.tensorrt import NAMESPACE, ROLES, plugin_name
+    from mmc.plugins.tensorrt import NAMESPACE, PREFIX, ROLES, plugin_name
 
     from .plan_rewrites import last_logits
     from .precision import lower_precision
@@ -90,7 +92,7 @@ def prepare(graph: gs.Graph, component: str, precision: str) -> dict:
     def keep(node: gs.Node, i: int) -> bool:  # inputs a plugin reads in float32 whatever the activations
         if node.domain != DOMAIN:
             return False
-        return ROLES[node.op.removeprefix("Mmc")][node.attrs["mmc_inputs"][i]] == "scale"
+        return ROLES[node.op.removeprefix(PREFIX)][node.attrs["mmc_inputs"][i]] == "scale"
 
     done["precision"] = lower_precision(graph, precision, keep)
     done["plugins"] = plugins
@@ -145,6 +147,12 @@ class _Progress:
         return Monitor()
 
 
+def strongly_typed_network(trt, builder):
+    """A network whose tensor types come from the ONNX graph (TensorRT-RTX has only these)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return builder.create_network(1 << int(flag) if flag is not None else 0)
+
+
 def timing_cache_path(flavour: str, version: str, capabilities: list[str]) -> Path:
     root = Path(os.environ.get("MMC_CACHE_DIR", Path.home() / ".cache" / "mmc")) / "tensorrt"
     return root / f"{flavour}-{version}-sm{'_'.join(c.replace('.', '') for c in capabilities)}.timing"
@@ -171,18 +179,14 @@ def build_engine(graph: gs.Graph, component: str, precision: str, stage: Path, c
         if bad:
             raise MmcError(f"TensorRT-RTX cannot build for compute capability {', '.join(bad)} "
                            f"(it builds for {', '.join(RTX_CAPABILITIES)})")
-    if flavour == "tensorrt_rtx" and any(_is_fp8(t) for t in graph.tensors().values()):
-        low = [c for c in capabilities if float(c) < 8.9]
-        if low:
+        if fp8 and any(float(c) < 8.9 for c in capabilities):
             raise MmcError(f"fp8 engines need compute capability >= 8.9; asked for {', '.join(capabilities)} "
                            "(use --trt-capability 8.9,12.0)")
     done = prepare(graph, component, precision)
     register(trt)
     logger = _Log(trt)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) \
-        if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else 0
-    network = builder.create_network(flags)
+    network = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory(prefix="mmc-trt-") as tmp:
         path = Path(tmp) / f"{component}.onnx"
@@ -225,14 +229,13 @@ def build_engine(graph: gs.Graph, component: str, precision: str, stage: Path, c
     (stage / "engines").mkdir(exist_ok=True)
     rel = f"engines/{component}.engine"
     (stage / rel).write_bytes(memoryview(blob))
-    io = [network.get_input(i) for i in range(network.num_inputs)] + \
-         [network.get_output(i) for i in range(network.num_outputs)]
+    def spec(t) -> dict:
+        return {"name": t.name, "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)}
+
     return {
         "engine": rel,
-        "inputs": [{"name": t.name, "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)}
-                   for t in io[:network.num_inputs]],
-        "outputs": [{"name": t.name, "dtype": str(t.dtype).split(".")[-1].lower(), "shape": list(t.shape)}
-                    for t in io[network.num_inputs:]],
+        "inputs": [spec(network.get_input(i)) for i in range(network.num_inputs)],
+        "outputs": [spec(network.get_output(i)) for i in range(network.num_outputs)],
         "profiles": {name: i for i, name in enumerate(phases)},
         "profile_dims": {name: {k: list(v) for k, v in dims.items()} for name, dims in phases.items()},
         "plugins": done["plugins"],
@@ -268,4 +271,4 @@ def manifest_target_info(entries: dict) -> dict:
     return info
 
 
-__all__ = ["build_engine", "manifest_target_info", "prepare", "profiles"]
+__all__ = ["build_engine", "manifest_target_info", "prepare", "profiles", "strongly_typed_network"]

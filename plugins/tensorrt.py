@@ -39,6 +39,7 @@ PREFIX = "Mmc"
 def plugin_name(op: str) -> str:
     return PREFIX + op
 
+
 ROLES = {
     "RMSNorm": ("act", "act"),                                   # x, weight
     "SkipRMSNorm": ("act", "act", "act", "act"),                 # x, skip, weight, bias
@@ -106,13 +107,17 @@ def decode_fields(op: str, fields) -> dict:
     return attrs
 
 
+def present_inputs(attrs: dict, n: int) -> list[int]:
+    """The op's input positions the node has (all n when the lowering recorded none)."""
+    return attrs.get("mmc_inputs", list(range(n)))
+
+
 def output_dtypes(trt, op: str, attrs: dict, input_types: list) -> list:
     """Each output's DataType from the inputs' (positions as present in the node)."""
     n = attrs.get("mmc_outputs", 1)
     if op != "Attention":
         return [input_types[0]] * n
-    present = attrs.get("mmc_inputs", list(range(len(input_types))))
-    at = {orig: i for i, orig in enumerate(present)}
+    at = {orig: i for i, orig in enumerate(present_inputs(attrs, len(input_types)))}
     cache = input_types[at[3]] if 3 in at else input_types[at[1]]
     return [input_types[0]] + [cache] * (n - 1)
 
@@ -125,8 +130,7 @@ def output_shapes(trt, op: str, attrs: dict, inputs: list, builder) -> list:
         x[len(x) - 1] = builder.operation(trt.DimensionOperation.FLOOR_DIV, inputs[0][len(x) - 1], builder.constant(2))
     if op != "Attention":
         return [x] * n
-    present = attrs.get("mmc_inputs", list(range(len(inputs))))
-    at = {orig: i for i, orig in enumerate(present)}
+    at = {orig: i for i, orig in enumerate(present_inputs(attrs, len(inputs)))}
     kv = trt.DimsExprs(inputs[at[1]])
     if 3 in at:  # present = cat(past, new) on the sequence axis
         kv[2] = builder.operation(trt.DimensionOperation.SUM, inputs[at[3]][2], inputs[at[1]][2])
@@ -145,7 +149,7 @@ def supports(trt, op: str, attrs: dict, pos: int, types: list, n_inputs: int) ->
     if pos >= n_inputs:
         ins = list(types[:n_inputs])
         return t == output_dtypes(trt, op, attrs, ins)[pos - n_inputs]
-    role = ROLES[op][attrs.get("mmc_inputs", list(range(n_inputs)))[pos]]
+    role = ROLES[op][present_inputs(attrs, n_inputs)[pos]]
     if role == "act":
         return t == act
     if role == "mask":
@@ -237,7 +241,7 @@ def run_plugin(op: str, attrs: dict, inputs: list, outputs: list) -> None:
     from mmc.plugins import OPS
     from mmc.runtime.cuda.executor import op_kernel
 
-    present = attrs.get("mmc_inputs", list(range(len(inputs))))
+    present = present_inputs(attrs, len(inputs))
     full: list = [None] * (max(present) + 1)
     for i, t in zip(present, inputs):
         full[i] = t

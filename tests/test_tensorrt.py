@@ -102,6 +102,7 @@ def test_bad_capability_and_fp8_on_old_gpus_are_errors(tiny_dir, tmp_path):
 # ---- the plugins' build-time logic, op by op on the real builder ---------------------------------
 def _network_for(op: str, inputs, attrs: dict, out_types: list):
     from mmc.plugins.tensorrt import NAMESPACE, plugin_name, register
+    from mmc.tensorrt import strongly_typed_network
 
     register(trt)
     ins = [gs.Variable(n, dtype=t, shape=s) for n, t, s in inputs]
@@ -111,9 +112,7 @@ def _network_for(op: str, inputs, attrs: dict, out_types: list):
                  import_domains=[onnx.helper.make_opsetid("", 20), onnx.helper.make_opsetid(NAMESPACE, 1)])
     logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
     builder = trt.Builder(logger)
-    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) \
-        if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") else 0
-    net = builder.create_network(flag)
+    net = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(net, logger)
     assert parser.parse(gs.export_onnx(g).SerializeToString()), [parser.get_error(i).desc() for i in range(parser.num_errors)]
     config = builder.create_builder_config()
