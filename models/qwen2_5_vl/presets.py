@@ -154,8 +154,6 @@ def build_checkpoint(name: str, out_dir: str | Path, layers: int | None = None) 
     `layers` truncates the decoder to that many layers and the vision tower to as many blocks
     (full attention in the blocks the preset gives it, and in the last): real widths at a
     fraction of the size, for profiling per-layer costs (tools/profile_cuda.py)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.utils import logging as hf_logging
 
@@ -164,6 +162,28 @@ def build_checkpoint(name: str, out_dir: str | Path, layers: int | None = None) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out_dir, preset.bpe_vocab)
+    model = preset_model(name, tok, layers)
+    model.save_pretrained(out_dir)
+    vc = preset.vision
+    proc = Qwen2VLImageProcessorPil(
+        patch_size=vc["patch_size"], merge_size=vc["spatial_merge_size"],
+        temporal_patch_size=vc["temporal_patch_size"], min_pixels=56 * 56, max_pixels=preset.max_pixels,
+    )
+    proc.save_pretrained(out_dir)
+    (out_dir / "mmc_preset.json").write_text(json.dumps(
+        {"preset": name, "random_weights": preset.random_weights, "summary": preset.summary}, indent=1))
+    return out_dir
+
+
+def preset_model(name: str, tok, layers: int | None = None, device: str = "cpu"):
+    """Preset `name` as a transformers model (eval mode) with its seeded init, trained where the
+    preset says so, in the preset's dtype (float32 tiny, bfloat16 real-size); `tok` is its
+    tokenizer (build_tokenizer), whose special-token ids the config records. `device`: where the
+    init runs (the same seed gives other values on a GPU than on the CPU)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    preset = PRESETS[name]
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     tiny = name.startswith("tiny")
     vocab = len(tok) if tiny else REAL_VOCAB
@@ -184,19 +204,10 @@ def build_checkpoint(name: str, out_dir: str | Path, layers: int | None = None) 
     config.pad_token_id = ids["<|endoftext|>"]
     torch.manual_seed(0)
     dtype = torch.float32 if tiny else torch.bfloat16
-    with torch.device("cpu"):
+    with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
     if preset.train_steps:
         train_decoder(model, tok, preset.train_steps)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out_dir)
-    vc = preset.vision
-    proc = Qwen2VLImageProcessorPil(
-        patch_size=vc["patch_size"], merge_size=vc["spatial_merge_size"],
-        temporal_patch_size=vc["temporal_patch_size"], min_pixels=56 * 56, max_pixels=preset.max_pixels,
-    )
-    proc.save_pretrained(out_dir)
-    (out_dir / "mmc_preset.json").write_text(json.dumps(
-        {"preset": name, "random_weights": preset.random_weights, "summary": preset.summary}, indent=1))
-    return out_dir
+    return model
