@@ -14,7 +14,8 @@
       rewrites  what compiler/plan_rewrites.py did: weight_only (GEMMs turned into
                 mmc.WeightOnlyMatMul), linear (float GEMMs, with their bias, turned into
                 mmc.Linear), last_logits (the decoder returns logits [B, 1, V] for the
-                last position only)
+                last position only), rope_attention (attentions that took in the rotary
+                of their q and k)
       caches    per attention that reads its K/V cache from graph inputs and returns it as graph
                 outputs: {step, past: [k, v], present: [k, v]} (the runtime keeps those caches
                 static and the attention writes them in place)
@@ -71,10 +72,11 @@ def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tupl
 
     if precision not in PRECISIONS:
         raise MmcError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
-    from .plan_rewrites import last_logits, linear, weight_only
+    from .plan_rewrites import last_logits, linear, rope_attention, weight_only
 
     rewrites = {"weight_only": weight_only(graph), "last_logits": component == "decoder" and last_logits(graph)}
     rewrites["linear"] = linear(graph)
+    rewrites["rope_attention"] = rope_attention(graph)
     graph.toposort()
     for node in graph.nodes:
         known = node.op in OPS if node.domain == DOMAIN else (not node.domain and node.op in ONNX_OPS)

@@ -18,6 +18,11 @@ target never sees them.
                       ->  y = mmc.Linear(x, @W (, @b))   (plugins/linear: one cuBLAS call, the
                     bias added in float32 in its epilogue before the one rounding, as nn.Linear
                     does; one kernel instead of two where there is a bias)
+    rope-attention  q' = RotaryEmbedding(q, cos, sin); k' = RotaryEmbedding(k, cos, sin)   (layout bnsd,
+                    one rotary_dim, the same tables; each read only by) y = mmc.Attention(q', k', v, ...)
+                      ->  y = mmc.Attention(q, k, v, ..., cos, sin; rotary_dim)   (plugins/attention's
+                    fused-RoPE form: a decode step's rotary, cache write and attention are one
+                    kernel; prefill runs the rotary kernels, then flash attention)
 """
 
 from __future__ import annotations
@@ -130,3 +135,39 @@ def _absorbed_bias(graph: gs.Graph, y: gs.Tensor, n: int) -> gs.Constant | None:
         return None
     b = np.asarray(other.values)
     return other if b.dtype.kind == "f" and b.shape == (n,) else None
+
+
+def rope_attention(graph: gs.Graph) -> int:
+    """Fold the rotary of q and k into the attention that alone reads them; returns the count."""
+    hits = 0
+    for node in list(graph.nodes):
+        if node.op != "Attention" or node.domain != "mmc" or len(node.inputs) > 8:
+            continue
+        ropes = [_sole_rotary(graph, t, node) for t in node.inputs[:2]]
+        if any(r is None for r in ropes):
+            continue
+        (rq, rk), attrs = ropes, [r.attrs for r in ropes]
+        if rq.inputs[1] is not rk.inputs[1] or rq.inputs[2] is not rk.inputs[2] or \
+                attrs[0].get("rotary_dim", 0) != attrs[1].get("rotary_dim", 0):
+            continue
+        node.inputs[0], node.inputs[1] = rq.inputs[0], rk.inputs[0]
+        while len(node.inputs) < 8:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs.extend([rq.inputs[1], rq.inputs[2]])
+        node.attrs["rotary_dim"] = int(attrs[0].get("rotary_dim", 0))
+        for r in ropes:
+            r.inputs.clear()
+            r.outputs.clear()
+        hits += 1
+    if hits:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return hits
+
+
+def _sole_rotary(graph: gs.Graph, t: gs.Tensor, reader: gs.Node) -> gs.Node | None:
+    """The mmc RotaryEmbedding (layout bnsd) that makes `t`, when `reader` is t's only reader."""
+    if len(t.inputs) != 1 or t in graph.outputs or len(t.outputs) != 1 or t.outputs[0] is not reader:
+        return None
+    r = t.inputs[0]
+    ok = r.op == "RotaryEmbedding" and r.domain == "mmc" and r.attrs.get("layout", "bnsd") == "bnsd"
+    return r if ok else None

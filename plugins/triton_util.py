@@ -8,6 +8,8 @@ imported only when a kernel is used: the CPU runtime and the compiler do not nee
   3.6 computes bf16 `tl.dot` wrongly when interpreted; fp32 products of bf16 values are exact),
   and keeps fp32 operands in IEEE fp32 on the GPU (tl.dot's default there is TF32).
 `output` gives a kernel the memory the executor planned for its result, where it plans one.
+`tile_counters` is the zeroed int32 buffer that kernels whose last program to finish does the
+final step (split-K fixup, split-KV merge) count in on.
 (Block sizes come from `mmc.quantization.next_pow2`; the executor decides which kernels run.)
 """
 
@@ -38,3 +40,22 @@ def dot(a, b):
     if a.dtype == tl.float32:  # fp32 engines: full fp32 products, not TF32
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+# device -> int32 counters, zero between kernels (the last program of each group resets its own).
+# One buffer per device, never replaced (CUDA graphs capture its address), shared by every kernel
+# that counts: the engine runs its kernels on one stream, one after another; two such kernels in
+# flight at once on one device would share counters.
+_COUNTERS: dict = {}
+COUNTERS = 1 << 16
+
+
+def tile_counters(device, n: int):
+    """The device's counter buffer, checked to hold `n` counters."""
+    import torch
+
+    if n > COUNTERS:
+        raise ValueError(f"{n} counters for one kernel (at most {COUNTERS})")
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]

@@ -166,6 +166,50 @@ def test_float_gemms_become_linear_with_their_bias(cuda_fp32):
     assert len(biased) == 2  # the merged qkv projection of each of the 2 layers
 
 
+
+def test_rotary_folds_into_the_decoder_attentions(cuda_fp32):
+    """rope-attention: each decoder attention takes the tables (inputs 8, 9) instead of rotated
+    q/k, so no RotaryEmbedding step is left there; the vision tower's rotary (layout snd, read
+    through a Transpose) stays. The tokens are checked by the tests above and below."""
+    dec = _plan(cuda_fp32)
+    attn = [s for s in dec["steps"] if s["op"] == "Attention"]
+    assert dec["rewrites"]["rope_attention"] == len(attn) == 2
+    assert not [s for s in dec["steps"] if s["op"] == "RotaryEmbedding"]
+    for s in attn:
+        assert len(s["inputs"]) == 10 and all(s["inputs"][8:]) and s["attrs"]["rotary_dim"] == 0
+    vis = _plan(cuda_fp32, "vision")
+    assert vis["rewrites"]["rope_attention"] == 0 and [s for s in vis["steps"] if s["op"] == "RotaryEmbedding"]
+
+
+def test_rope_attention_needs_sole_readers_and_one_table():
+    """Must not fire: a rotated q that another node also reads, or q and k rotated by different
+    tables."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from mmc.plan_rewrites import rope_attention
+
+    def graph(extra_reader: bool, same_tables: bool):
+        f = np.float32
+        q, k, v = (gs.Variable(n, f, [1, 2, 3, 4]) for n in "qkv")
+        cos, sin, cos2 = (gs.Variable(n, f, [1, 3, 4]) for n in ("cos", "sin", "cos2"))
+        rq, rk, y = (gs.Variable(n, f, [1, 2, 3, 4]) for n in ("rq", "rk", "y"))
+        nodes = [gs.Node("RotaryEmbedding", "rope_q", {"layout": "bnsd"}, [q, cos, sin], [rq], domain="mmc"),
+                 gs.Node("RotaryEmbedding", "rope_k", {"layout": "bnsd"}, [k, cos if same_tables else cos2, sin], [rk],
+                         domain="mmc"),
+                 gs.Node("Attention", "attn", {"num_heads": 2, "kv_heads": 2, "scale": 0.5}, [rq, rk, v], [y], domain="mmc")]
+        outs = [y]
+        if extra_reader:
+            z = gs.Variable("z", f, [1, 2, 3, 4])
+            nodes.append(gs.Node("Neg", "neg", {}, [rq], [z]))
+            outs.append(z)
+        return gs.Graph(nodes=nodes, inputs=[q, k, v, cos, sin, cos2], outputs=outs, opset=23)
+
+    assert rope_attention(graph(False, True)) == 1
+    assert rope_attention(graph(True, True)) == 0
+    assert rope_attention(graph(False, False)) == 0
+
+
 def test_triton_kernels_interpreted_match_onnx_runtime(cuda_fp32, engine_all, images):
     """The same plan with every mmc op, the static-cache decode attention and the sampling on the
     plugins' Triton kernels (interpreted on this CPU): the greedy tokens of the ORT target."""

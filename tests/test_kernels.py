@@ -132,24 +132,48 @@ def test_flash_attention_block_diagonal_bool_and_past(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,t,pos", [(4, 2, 96, 70), (7, 1, 256, 255), (2, 2, 40, 0)])
-def test_decode_attention_static_cache(dtype, heads, kv_heads, t, pos):
-    from mmc.plugins.attention.kernels import decode_attention, write_kv
+@pytest.mark.parametrize("heads,kv_heads,t,pos,rot", [(4, 2, 96, 70, 64), (7, 1, 256, 255, 0), (2, 2, 40, 0, 32),
+                                                      (4, 2, 1100, 1000, 64)])
+def test_decode_attention_static_cache(dtype, heads, kv_heads, t, pos, rot):
+    """One kernel: rotate q and this step's k (rot: rotary_dim; 0 = no rotary), store k/v at slot
+    pos, attend over slots 0..pos split-KV, merge the splits — against rotary + attention in torch."""
+    from mmc.plugins import OPS
+    from mmc.plugins import triton_util as tu
+    from mmc.plugins.attention.kernels import decode_attention
 
     b, d = 2, 64
     kbuf, vbuf = rand(b, kv_heads, t, d, dtype=dtype), rand(b, kv_heads, t, d, dtype=dtype)
-    kbuf[:, :, pos + 1:] = float("nan")  # unwritten slots must never be read
-    vbuf[:, :, pos + 1:] = float("nan")
-    q, k, v = rand(b, heads, 1, d, dtype=dtype), rand(b, kv_heads, 1, d, dtype=dtype), rand(b, kv_heads, 1, d, dtype=dtype)
+    kbuf[:, :, pos:] = float("nan")  # unwritten slots (this step's included) must never be read
+    vbuf[:, :, pos:] = float("nan")
+    cached_k, cached_v = kbuf[:, :, :pos].clone(), vbuf[:, :, :pos].clone()
+    # q at scale 3: a peaked softmax, so the output (an average over up to 1000 slots) is O(1)
+    q, k, v = rand(b, heads, 1, d, dtype=dtype, scale=3.0), rand(b, kv_heads, 1, d, dtype=dtype), rand(b, kv_heads, 1, d, dtype=dtype)
+    angle = rand(b, 1, rot, scale=3.0) if rot else None
+    cos, sin = (torch.cos(angle), torch.sin(angle)) if rot else (None, None)
+    rq, rk = q, k
+    if rot:
+        rope = OPS["RotaryEmbedding"]
+        rq, rk = (rope.torch_reference([x, cos, sin], {"rotary_dim": rot})[0] for x in (q, k))
     p = torch.tensor([pos], device=DEV)
-    write_kv(k, v, kbuf, vbuf, p)
-    assert torch.equal(kbuf[:, :, pos:pos + 1], k) and torch.equal(vbuf[:, :, pos:pos + 1], v)
     mask = torch.zeros(b, 1, 1, t, device=DEV)
     mask[:, :, :, pos + 1:] = torch.finfo(torch.float32).min
     mask[1, :, :, :min(3, pos)] = torch.finfo(torch.float32).min  # row 1 left-padded
-    got = decode_attention(q, kbuf, vbuf, mask, p, 0.125)
-    want = _attend(q, kbuf[:, :, :pos + 1], vbuf[:, :, :pos + 1], mask[..., :pos + 1], heads, kv_heads, 0.125)
+    out = [torch.full((b, heads, 1, d), float("nan"), dtype=dtype, device=DEV)]
+    got = decode_attention(q, kbuf, vbuf, mask, p, 0.125, k=k, v=v, cos=cos, sin=sin, rotary_dim=rot, out=out)
+    assert got.data_ptr() == out[0].data_ptr()
+    # this step's k is rounded as torch rounds (the interpreter truncates float32 -> bf16/fp16 casts)
+    exact = DEV == "cuda" or dtype == torch.float32 or not rot
+    assert torch.equal(kbuf[:, :, pos:pos + 1], rk) if exact else close(kbuf[:, :, pos:pos + 1], rk, dtype) is None
+    assert torch.equal(vbuf[:, :, pos:pos + 1], v)
+    assert torch.equal(kbuf[:, :, :pos], cached_k) and torch.equal(vbuf[:, :, :pos], cached_v)
+    assert not any(int(c.abs().sum()) for c in tu._COUNTERS.values())  # the merging splits reset their counters
+    want = _attend(rq, kbuf[:, :, :pos + 1], vbuf[:, :, :pos + 1], mask[..., :pos + 1], heads, kv_heads, 0.125)
     close(got, want, dtype)
+    kbuf[:, :, pos:pos + 1] = float("nan")  # attended to from registers: the kernel stores it again
+    again = decode_attention(q, kbuf, vbuf, mask, p, 0.125, k=k, v=v, cos=cos, sin=sin, rotary_dim=rot)
+    assert torch.equal(again, got)  # the merge order does not depend on which split finishes last
+    without_new = decode_attention(rq, kbuf, vbuf, mask, p, 0.125)  # slot pos already written
+    close(without_new, want, dtype)
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
@@ -161,7 +185,10 @@ def test_decode_attention_quantized_cache(kind):
     ks, vs = (torch.rand(kv_heads, generator=GEN) * 0.05 + 0.01).to(DEV), (torch.rand(kv_heads, generator=GEN) * 0.05 + 0.01).to(DEV)
     kc, vc = torch_quantize_kv(rand(b, kv_heads, t, d), ks, kind), torch_quantize_kv(rand(b, kv_heads, t, d), vs, kind)
     q = rand(b, heads, 1, d, dtype=torch.bfloat16)
-    got = decode_attention(q, kc, vc, None, torch.tensor([pos], device=DEV), 0.2, ks, vs)
+    k, v = rand(b, kv_heads, 1, d), rand(b, kv_heads, 1, d)
+    kn, vn = torch_quantize_kv(k, ks, kind), torch_quantize_kv(v, vs, kind)
+    got = decode_attention(q, kc, vc, None, torch.tensor([pos], device=DEV), 0.2, ks, vs, k=kn, v=vn)
+    assert torch.equal(kc[:, :, pos:pos + 1].float(), kn.float()) and torch.equal(vc[:, :, pos:pos + 1].float(), vn.float())
     kf, vf = torch_dequantize_kv(kc, ks, q.dtype), torch_dequantize_kv(vc, vs, q.dtype)
     close(got, _attend(q, kf[:, :, :pos + 1], vf[:, :, :pos + 1], None, heads, kv_heads, 0.2), torch.bfloat16)
 
@@ -178,6 +205,7 @@ def test_weight_only_matmul(dtype, bits, m, k):
     import numpy as np
 
     from mmc import quantization as qz
+    from mmc.plugins import triton_util as tu
     from mmc.plugins.linear import WeightOnlyMatMul, pack_int4, unpack_int4
     from mmc.plugins.linear import kernels as lk
 
@@ -206,7 +234,7 @@ def test_weight_only_matmul(dtype, bits, m, k):
         if out is not None:
             out[0].fill_(float("nan"))  # the split path must write every output itself
         got = lk.weight_only_matmul(x, ins[1], ins[2], bits, g, tile=split, out=out, bias=bias)
-        assert not any(int(c.abs().sum()) for c in lk._COUNTERS.values())  # the last splits reset their counters
+        assert not any(int(c.abs().sum()) for c in tu._COUNTERS.values())  # the last splits reset their counters
         close(got, torch.from_numpy(want), dtype)
         again = lk.weight_only_matmul(x, ins[1], ins[2], bits, g, tile=split, bias=bias)
         assert torch.equal(again, got)

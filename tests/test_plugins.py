@@ -148,6 +148,37 @@ def test_attention(opset, upgrade, expect_op, heads):
     close(got[0], OPS["Attention"].reference(ins, attrs)[0])
 
 
+@pytest.mark.parametrize("opset,upgrade", [(20, False), (20, True)])
+@pytest.mark.parametrize("rot", [0, 4])
+def test_attention_with_fused_rope(opset, upgrade, rot):
+    """The fused-RoPE form (cos/sin as inputs 8, 9; made by the cuda plan rewrite) equals
+    RotaryEmbedding of q and k, then the attention — in the numpy reference, the ORT face and the
+    torch reference; the present key is the rotated one."""
+    import torch
+
+    n, kv, b, s, p, d = 4, 2, 2, 3, 4, 8
+    q, k, v = randn(b, n, s, d), randn(b, kv, s, d), randn(b, kv, s, d)
+    pk, pv = randn(b, kv, p, d), randn(b, kv, p, d)
+    angle = randn(b, s, rot or d)
+    cos, sin = np.cos(angle), np.sin(angle)
+    mask = _masks(b, s, p + s)[1]
+    attrs = {"num_heads": n, "kv_heads": kv, "scale": 0.3, "nan_to_zero": 1}
+    rope = {"rotary_dim": rot, "layout": "bnsd"}
+    rq, rk = (OPS["RotaryEmbedding"].reference([t, cos, sin], rope)[0] for t in (q, k))
+    want = OPS["Attention"].reference([rq, rk, v, pk, pv, mask], attrs)
+    fused = [q, k, v, pk, pv, mask, None, None, cos, sin]
+    fattrs = {**attrs, "rotary_dim": rot}
+    for g, r in zip(OPS["Attention"].reference(fused, fattrs), want):
+        close(g, r, 1e-6)
+    got, ops = run_fused("Attention", fused, fattrs, 3, opset, upgrade)
+    assert "Neg" in ops  # the rotation's decomposition
+    for g, r in zip(got, want):
+        close(g, r)
+    tins = [None if t is None else torch.from_numpy(t) for t in fused]
+    for g, r in zip(OPS["Attention"].torch_reference(tins, fattrs), want):
+        close(g.numpy(), r, 1e-5)
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 @pytest.mark.parametrize("upgrade", [False, True])  # the decomposition and the opset-23 Attention face
 def test_attention_quantized_kv_cache(kind, upgrade):

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         return 2
     from mmc import quantization as qz
     from mmc.plugins import OPS
-    from mmc.plugins.attention.kernels import decode_attention, flash_attention, write_kv
+    from mmc.plugins.attention import torch_rotate
+    from mmc.plugins.attention.kernels import decode_attention, flash_attention
     from mmc.plugins.linear import pack_int4
     from mmc.plugins.linear.kernels import weight_only_matmul
     from mmc.plugins.norms.kernels import rms_norm
@@ -107,17 +108,20 @@ def main(argv=None) -> int:
     mask = torch.zeros(1, 1, 1, t_max, device=dev)
     mask[..., pos + 1:] = torch.finfo(torch.float32).min
     attrs = {"num_heads": heads, "kv_heads": kvh, "scale": 1 / math.sqrt(d)}
+    angle = torch.rand(1, 1, d, device=dev) * 6
+    cos, sin = torch.cos(angle), torch.sin(angle)
 
     def torch_decode():
-        kb.index_copy_(2, p, k1)
+        qr, kr = torch_rotate(q1, cos, sin, {}), torch_rotate(k1, cos, sin, {})
+        kb.index_copy_(2, p, kr)
         vb.index_copy_(2, p, v1)
-        return F.scaled_dot_product_attention(q1, kb, vb, attn_mask=mask.to(bf), scale=attrs["scale"], enable_gqa=True)
+        return F.scaled_dot_product_attention(qr, kb, vb, attn_mask=mask.to(bf), scale=attrs["scale"], enable_gqa=True)
 
     def tri_decode():
-        write_kv(k1, v1, kb, vb, p)
-        return decode_attention(q1, kb, vb, mask, p, attrs["scale"])
+        return decode_attention(q1, kb, vb, mask, p, attrs["scale"], k=k1, v=v1, cos=cos, sin=sin)
 
-    row(f"write_kv + decode_attention T={t_max} pos={pos}", tri_decode, torch_decode, ref_name="index_copy_ + sdpa")
+    row(f"decode_attention (RoPE, cache write, split-KV, merge) T={t_max} pos={pos}", tri_decode, torch_decode,
+        ref_name="rotary + index_copy_ + sdpa")
 
     # weight-only GEMV (decode) and GEMM (prefill): int8 / int4 g128 against bf16 cuBLAS
     for n, k in ((2560, h), (2 * inter, h), (h, inter), (151936, h)):

@@ -3,9 +3,12 @@
     inputs:  q [B, N, S, D]; k, v [B, KV, S, D] (this step's keys/values, rotary applied);
              past_k, past_v [B, KV, P, D] (optional); mask (optional), broadcastable to
              [B, N, S, P+S]: bool (true = may attend) or float (added to the scores);
-             k_scale, v_scale [KV] float32 (only with kv_cache)
+             k_scale, v_scale [KV] float32 (only with kv_cache);
+             cos, sin [B, S, R] (optional, inputs 8 and 9: RoPE fused in — q and k are rotated
+             first, exactly as plugins/rotary's RotaryEmbedding with layout bnsd)
     outputs: y [B, N, S, D]; present_k, present_v [B, KV, P+S, D] = cat(past, new) on axis 2
-    attrs:   num_heads N, kv_heads KV, scale, nan_to_zero (1: rows whose softmax is NaN, i.e.
+    attrs:   num_heads N, kv_heads KV, scale, rotary_dim R (with cos/sin; 0: R = D),
+             nan_to_zero (1: rows whose softmax is NaN, i.e.
              fully masked with -inf, give 0 — sdpa's IsNaN guard; 0 when the pass proved the
              mask finite); kv_cache "int8" | "fp8" (optional: the cache holds codes, one
              scale per kv head; past and present are int8 / float8_e4m3fn)
@@ -16,7 +19,10 @@
               every key is attended to as it is stored, this step's included
 
 Causal, padding and block-diagonal (vision windows) masks are all the `mask` input, so the op
-needs no proof about the mask's structure. ORT face: the standard Attention op (opset 23; GQA
+needs no proof about the mask's structure. The fused-RoPE form (cos/sin given) is made by the
+cuda target's plan rewrite (compiler/plan_rewrites.py `rope_attention`), so a decode step's
+rotary, cache write and attention are one kernel; its ORT face rotates with RotaryEmbedding's
+decomposition first. ORT face: the standard Attention op (opset 23; GQA
 and past/present natively), with a bool mask turned into a finite additive one; older opsets
 get a decomposition (Concat, Tile-repeat, MatMul, Softmax, MatMul). With kv_cache the face
 quantizes k/v per head (QuantizeLinear axis 1), concatenates codes (int8; fp8 has no ONNX
@@ -45,6 +51,7 @@ class Attention(FusedOp):
     min_opset = 23
 
     def reference(self, inputs, attrs):
+        inputs = with_rotary(inputs, attrs, _rotate_np)
         q, k, v = inputs[:3]
         past_k, past_v, mask, k_scale, v_scale = (inputs + [None] * 8)[3:8]
         kind = attrs.get("kv_cache")
@@ -69,16 +76,16 @@ class Attention(FusedOp):
 
     def torch_reference(self, inputs, attrs):
         """The cuda target's reference kernel (torch; scores and softmax in float32, as sdpa)."""
-        return torch_cached_attention(inputs, attrs, torch_attend)
+        return torch_cached_attention(with_rotary(inputs, attrs, torch_rotate), attrs, torch_attend)
 
     writes_out = True
 
     def triton_kernel(self, inputs, attrs, out=None):
-        """Prefill / vision: the flash kernel over cat(past, new) (decode over a static cache is
-        the executor's: write_kv + decode_attention)."""
+        """Prefill / vision: the rotary kernel (fused RoPE), then the flash kernel over cat(past, new)
+        (decode over a static cache is the executor's: one decode_attention kernel)."""
         from .kernels import flash_attention
 
-        return torch_cached_attention(inputs, attrs,
+        return torch_cached_attention(with_rotary(inputs, attrs, triton_rotate), attrs,
                                       lambda q, k, v, mask, a: flash_attention(q, k, v, mask, a["scale"], out))
 
     def infer(self, node):
@@ -98,8 +105,18 @@ class Attention(FusedOp):
         return [(dtype_of(q), y), (cache, pres), (cache, pres)]
 
     def lower_ort(self, emit: Emitter, node, opset):
+        from ..rotary import RotaryEmbedding
+
         q, k, v = node.inputs[:3]
         past_k, past_v, mask = present(node, 3), present(node, 4), present(node, 5)
+        if present(node, 8) is not None:  # fused RoPE: rotate q and k first
+            r, d = node.attrs.get("rotary_dim", 0), q.shape[-1] if q.shape else None
+            rotated = []
+            for t in (q, k):
+                y = RotaryEmbedding.decompose(emit, t, node.inputs[8], node.inputs[9], r, d, "bnsd")
+                y.shape, y.dtype = t.shape, t.dtype  # the decomposition of older opsets reads the head dim
+                rotated.append(y)
+            q, k = rotated
         outs = list(node.outputs) + [None] * (3 - len(node.outputs))
         if mask is not None and dtype_of(mask) == np.dtype(bool):
             zero, lowest = emit.const(0.0, dtype_of(q)), emit.const(LOWEST, dtype_of(q))
@@ -164,6 +181,41 @@ class Attention(FusedOp):
         emit.op("MatMul", [probs, full[1]], [outs[0]])
 
 
+ROTARY_INPUTS = (8, 9)  # cos, sin
+
+
+def with_rotary(inputs, attrs, rotate) -> list:
+    """The op's inputs with q and k rotated by the fused tables (rotate(x, cos, sin, attrs) -> y)
+    and the tables dropped; unchanged (to 8 inputs) without them."""
+    ins = list(inputs) + [None] * (10 - len(inputs))
+    cos, sin = (ins[i] for i in ROTARY_INPUTS)
+    if cos is not None:
+        ins[0], ins[1] = rotate(ins[0], cos, sin, attrs), rotate(ins[1], cos, sin, attrs)
+    return ins[:8]
+
+
+def _rotary_attrs(attrs) -> dict:
+    return {"rotary_dim": attrs.get("rotary_dim", 0), "layout": "bnsd"}
+
+
+def _rotate_np(x, cos, sin, attrs):
+    from ..rotary import RotaryEmbedding
+
+    return RotaryEmbedding().reference([x, cos, sin], _rotary_attrs(attrs))[0]
+
+
+def torch_rotate(x, cos, sin, attrs):
+    from ..rotary import RotaryEmbedding
+
+    return RotaryEmbedding().torch_reference([x, cos, sin], _rotary_attrs(attrs))[0]
+
+
+def triton_rotate(x, cos, sin, attrs):
+    from ..rotary.kernels import rotary
+
+    return rotary(x, cos, sin, attrs.get("rotary_dim", 0), "bnsd")
+
+
 def torch_cached_attention(inputs, attrs, attend):
     """The op with a growing cache: this step's k/v (as codes with kv_cache) appended to the past,
     then `attend(q, K, V, mask, attrs)` over the whole (dequantized) cache; -> [y, present_k, present_v]."""
@@ -171,6 +223,8 @@ def torch_cached_attention(inputs, attrs, attend):
 
     q, k, v = inputs[:3]
     past_k, past_v, mask, k_scale, v_scale = (list(inputs) + [None] * 8)[3:8]
+    if len(inputs) > ROTARY_INPUTS[0] and inputs[ROTARY_INPUTS[0]] is not None:
+        raise ValueError("torch_cached_attention: rotate first (with_rotary)")
     kind = attrs.get("kv_cache")
     if kind:
         k, v = torch_quantize_kv(k, k_scale, kind), torch_quantize_kv(v, v_scale, kind)

@@ -4,12 +4,15 @@
                       tiles of BLOCK_M queries × BLOCK_N keys with an online softmax (flash-style),
                       any mask broadcastable to [B, N, S, T] (causal, padding, block-diagonal are
                       all just the mask), GQA by indexing kv head n // (N/KV)
-    write_kv          decode: this step's k/v [B, KV, 1, D] stored at slot `pos` of the static
-                      cache [B, KV, T_max, D], quantized per kv head for int8 / fp8 caches
-    decode_attention  decode: split-KV over the static cache — grid (B·KV, splits); each program
-                      takes the N/KV query heads of one kv head over one chunk of slots (stopping
-                      at pos + 1: unwritten slots are never read) and writes a partial (max,
-                      sum, weighted values); `_combine_kernel` merges the splits
+    decode_attention  decode, one kernel per layer: split-KV over the static cache [B, KV, T_max, D]
+                      — grid (B·KV, splits); each program takes the N/KV query heads of one kv
+                      head over one chunk of slots (stopping at pos + 1: unwritten slots are
+                      never read). It rotates q and this step's k (RoPE, fused: the rotary
+                      kernels' math), the split owning slot `pos` stores this step's k/v there
+                      (and every split uses them from registers), each split writes a partial
+                      (max, sum, weighted values), and the last split of a (batch, kv head) to
+                      count in on an atomic counter merges the partials in split order. One
+                      launch instead of five (2 rotary, write, split-KV, combine).
 
 Online softmax per row: m' = max(m, max s); p = exp(s - m'); l' = l·exp(m - m') + Σp;
 acc' = acc·exp(m - m') + p·V; y = acc / l. A row with every score -inf ends with l = 0 and gives 0
@@ -118,32 +121,34 @@ def flash_attention(q, k, v, mask, scale: float, out=None) -> torch.Tensor:
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kbuf_ptr, vbuf_ptr, pos_ptr, kv_heads, head_dim,
-                     skb, skn, svb, svn, sbb, sbn, sbt, BLOCK_D: tl.constexpr):
-    bk = tl.program_id(0)
-    b = (bk // kv_heads).to(tl.int64)
-    h = (bk % kv_heads).to(tl.int64)
-    pos = tl.load(pos_ptr).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < head_dim
-    dst = b * sbb + h * sbn + pos * sbt + d
-    tl.store(kbuf_ptr + dst, tl.load(k_ptr + b * skb + h * skn + d, mask=dm), mask=dm)
-    tl.store(vbuf_ptr + dst, tl.load(v_ptr + b * svb + h * svn + d, mask=dm), mask=dm)
-
-
-def write_kv(k, v, kbuf, vbuf, pos) -> None:
-    """k, v [B, KV, 1, D] (already in the cache's dtype) -> kbuf/vbuf[:, :, pos] in one launch."""
-    bsz, kv_heads, _, d = k.shape
-    _write_kv_kernel[(bsz * kv_heads,)](k, v, kbuf, vbuf, pos, kv_heads, d, k.stride(0), k.stride(1),
-                                         v.stride(0), v.stride(1), kbuf.stride(0), kbuf.stride(1), kbuf.stride(2),
-                                         BLOCK_D=next_pow2(d, 1))
+def _rotate(x_ptr, rows, d, sx, cs_ptr, sn_ptr, rot_dim, head_dim, ROPE: tl.constexpr):
+    """Rows `rows` of x (head axis stride sx, channels contiguous) rotate-half rotated by the tables
+    cs/sn [R] with transformers' rounding points (tables rounded to x's dtype; x·cos and
+    rotate_half(x)·sin each rounded, then their sum): plugins/rotary's kernel, for the heads a
+    decode program holds. Channels >= rot_dim pass through. -> [rows, D] in x's dtype."""
+    rm = rows[:, None] >= 0
+    dm = d[None, :] < head_dim
+    x = tl.load(x_ptr + rows[:, None] * sx + d[None, :], mask=rm & dm, other=0.0)
+    if ROPE:
+        half = rot_dim // 2
+        in_rot = d < rot_dim
+        partner = tl.where(d < half, d + half, d - half)
+        xp = tl.load(x_ptr + rows[:, None] * sx + partner[None, :], mask=rm & in_rot[None, :], other=0.0)
+        cosf = tl.load(cs_ptr + d, mask=in_rot, other=0.0).to(x.dtype).to(tl.float32)[None, :]
+        sinf = tl.load(sn_ptr + d, mask=in_rot, other=0.0).to(x.dtype).to(tl.float32)[None, :]
+        sign = tl.where(d < half, -1.0, 1.0)[None, :]
+        rot = (x.to(tl.float32) * cosf).to(x.dtype).to(tl.float32) + \
+            (sign * xp.to(tl.float32) * sinf).to(x.dtype).to(tl.float32)
+        x = tl.where(in_rot[None, :], rot, x.to(tl.float32)).to(x.dtype)
+    return x
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, ks_ptr, vs_ptr, o_ptr, ml_ptr,
-                   heads, kv_heads, group, head_dim, scale, chunk, splits,
-                   sqb, sqn, skb, skn, skt, smb, smn, smt,
-                   MASK: tl.constexpr, QUANT: tl.constexpr,
+def _decode_kernel(q_ptr, kn_ptr, vn_ptr, cs_ptr, sn_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, ks_ptr, vs_ptr,
+                   part_ptr, ml_ptr, count_ptr, y_ptr,
+                   heads, kv_heads, group, head_dim, rot_dim, scale, chunk, splits,
+                   sqb, sqn, sknb, sknn, svnb, svnn, scb, skb, skn, skt, smb, smn, smt,
+                   MASK: tl.constexpr, QUANT: tl.constexpr, NEW: tl.constexpr, ROPE: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bk = tl.program_id(0)
     split = tl.program_id(1)
@@ -154,12 +159,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, ks_ptr, vs_ptr, o_ptr
     gm = g[:, None] < group
     d = tl.arange(0, BLOCK_D)
     dm = d[None, :] < head_dim
-    q = tl.load(q_ptr + b * sqb + n[:, None] * sqn + d[None, :], mask=gm & dm, other=0.0)
-    end = tl.minimum(split * chunk + chunk, tl.load(pos_ptr).to(tl.int32) + 1)  # slots 0..pos are written
+    pos = tl.load(pos_ptr).to(tl.int32)  # slots 0..pos are attended to; this step's is pos
+    q = _rotate(q_ptr + b * sqb, tl.where(g < group, n, -1), d, sqn, cs_ptr + b * scb, sn_ptr + b * scb,
+                rot_dim, head_dim, ROPE)
+    kbase = b * skb + kvh * skn
+    if NEW:  # this step's k/v: rotated here, stored by the split that owns slot pos, used from registers
+        kn = _rotate(kn_ptr + b * sknb, tl.zeros([1], tl.int64) + kvh, d, sknn, cs_ptr + b * scb,
+                     sn_ptr + b * scb, rot_dim, head_dim, ROPE).to(k_ptr.dtype.element_ty)
+        vn = tl.load(vn_ptr + b * svnb + kvh * svnn + d[None, :], mask=dm, other=0.0).to(v_ptr.dtype.element_ty)
+        if pos // chunk == split:
+            tl.store(k_ptr + kbase + pos.to(tl.int64) * skt + d[None, :], kn, mask=dm)
+            tl.store(v_ptr + kbase + pos.to(tl.int64) * skt + d[None, :], vn, mask=dm)
+    end = tl.minimum(split * chunk + chunk, pos + 1)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    kbase = b * skb + kvh * skn
     mrow = mask_ptr + b * smb + n[:, None] * smn
     if QUANT:
         ks = tl.load(ks_ptr + kvh)
@@ -171,54 +185,81 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, ks_ptr, vs_ptr, o_ptr
         off = kbase + cols[:, None].to(tl.int64) * skt + d[None, :]
         k = tl.load(k_ptr + off, mask=cm & dm, other=0.0)
         v = tl.load(v_ptr + off, mask=cm & dm, other=0.0)
+        if NEW:
+            k = tl.where(cols[:, None] == pos, kn, k)
+            v = tl.where(cols[:, None] == pos, vn, v)
         if QUANT:
             k = k.to(tl.float32) * ks
             v = v.to(tl.float32) * vs
         s_mask = _mask_scores(mrow, 0, cols[None, :].to(tl.int64), gm & (cols[None, :] < end), smt, MASK)
         m_i, l_i, acc = _online_block(q, k.to(q.dtype), v.to(q.dtype), s_mask, m_i, l_i, acc, scale, True)
         i += BLOCK_N
-    part = (b * heads + n) * splits + split  # [B, N, splits] partials
+    # partials [B, N, splits] (+ (max, sum)); the last split of this (batch, kv head) to count in
+    # merges them in split order (the result does not depend on arrival order) and resets the count
     pm = g < group
-    tl.store(o_ptr + part[:, None] * head_dim + d[None, :], acc, mask=gm & dm)
+    part = (b * heads + n) * splits + split
+    tl.store(part_ptr + part[:, None] * head_dim + d[None, :], acc, mask=gm & dm)
     tl.store(ml_ptr + part * 2, m_i, mask=pm)
     tl.store(ml_ptr + part * 2 + 1, l_i, mask=pm)
+    tl.debug_barrier()  # every thread's partial is stored before the count releases them
+    if tl.atomic_add(count_ptr + bk, 1, sem="acq_rel") == splits - 1:
+        tl.debug_barrier()
+        top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_G], tl.float32)
+        y = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        base = (b * heads + n) * splits
+        sp = 0
+        while sp <= pos // chunk:  # splits past slot pos attended to nothing
+            m_s = tl.load(ml_ptr + (base + sp) * 2, mask=pm, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(ml_ptr + (base + sp) * 2 + 1, mask=pm, other=0.0, cache_modifier=".cg")
+            a_s = tl.load(part_ptr + (base + sp)[:, None] * head_dim + d[None, :], mask=gm & dm, other=0.0,
+                          cache_modifier=".cg")
+            new_top = tl.maximum(top, m_s)
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            w_old = tl.where(top == float("-inf"), 0.0, tl.exp(top - safe))
+            w_s = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - safe))
+            total = total * w_old + l_s * w_s
+            y = y * w_old[:, None] + a_s * w_s[:, None]
+            top = new_top
+            sp += 1
+        y = y / tl.where(total == 0.0, 1.0, total)[:, None]
+        tl.store(y_ptr + (b * heads + n)[:, None] * head_dim + d[None, :], y.to(y_ptr.dtype.element_ty), mask=gm & dm)
+        tl.atomic_xchg(count_ptr + bk, 0)
 
 
-@triton.jit
-def _combine_kernel(o_ptr, ml_ptr, y_ptr, splits, head_dim, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # b * N + n
-    sp = tl.arange(0, BLOCK_S)
-    spm = sp < splits
-    d = tl.arange(0, BLOCK_D)
-    m = tl.load(ml_ptr + (row * splits + sp) * 2, mask=spm, other=float("-inf"))
-    lsum = tl.load(ml_ptr + (row * splits + sp) * 2 + 1, mask=spm, other=0.0)
-    top = tl.max(m, 0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.where(top == float("-inf"), 0.0, top)))
-    acc = tl.load(o_ptr + (row * splits + sp[:, None]) * head_dim + d[None, :],
-                  mask=spm[:, None] & (d[None, :] < head_dim), other=0.0)
-    total = tl.sum(w * lsum, 0)
-    y = tl.sum(w[:, None] * acc, 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(y_ptr + row * head_dim + d, y.to(y_ptr.dtype.element_ty), mask=d < head_dim)
+def decode_attention(q, kbuf, vbuf, mask, pos, scale: float, k_scale=None, v_scale=None, *, k=None, v=None,
+                     cos=None, sin=None, rotary_dim: int = 0, out=None) -> torch.Tensor:
+    """One decode step in one kernel: q [B, N, 1, D] against the static cache kbuf/vbuf [B, KV, T, D]
+    (slots 0..pos; int8 or fp8 codes with k_scale/v_scale [KV]); mask broadcastable to [B, N, 1, T]
+    -> y [B, N, 1, D] (into out[0] where given).
+    k, v [B, KV, 1, D]: this step's key/value (codes for a quantized cache), stored at slot pos and
+    attended to as stored; None: slot pos is already written.
+    cos, sin [B or 1, 1, R]: rotate q and k first (plugins/rotary's math, R = rotary_dim or D);
+    not with a quantized cache (its codes are made from the rotated k before this call)."""
+    from ..triton_util import tile_counters
 
-
-def decode_attention(q, kbuf, vbuf, mask, pos, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
-    """q [B, N, 1, D] against the static cache kbuf/vbuf [B, KV, T, D] (slots 0..pos written; int8 or
-    fp8 codes with k_scale/v_scale [KV]); mask broadcastable to [B, N, 1, T] -> y [B, N, 1, D]."""
     bsz, heads, _, d = q.shape
     kv_heads, t = kbuf.shape[1], kbuf.shape[2]
     group = heads // kv_heads
+    quant, new, rope = k_scale is not None, k is not None, cos is not None
+    if rope and (quant or not new):
+        raise ValueError("decode_attention: rotary needs this step's float k")
     m, kind, sm = _mask_args(mask, (bsz, heads, 1, t))
     block_n = 32
     chunk = max(block_n, triton.cdiv(triton.cdiv(t, DECODE_SPLITS), block_n) * block_n)
     splits = triton.cdiv(t, chunk)
     part = torch.empty(bsz, heads, splits, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(bsz, heads, splits, 2, dtype=torch.float32, device=q.device)
-    quant = k_scale is not None
+    y = output(out, 0, (bsz, heads, 1, d), q.dtype, q.device)
+    kn, vn = (k, v) if new else (q, q)
+    cs, sn = (t.reshape(t.shape[0], -1).contiguous() for t in (cos, sin)) if rope else (q, q)
     _decode_kernel[(bsz * kv_heads, splits)](
-        q, kbuf, vbuf, m if m is not None else q, pos, k_scale if quant else q, v_scale if quant else q, part, ml,
-        heads, kv_heads, group, d, float(scale), chunk, splits, q.stride(0), q.stride(1),
+        q, kn, vn, cs, sn, kbuf, vbuf, m if m is not None else q, pos, k_scale if quant else q,
+        v_scale if quant else q, part, ml, tile_counters(q.device, bsz * kv_heads), y,
+        heads, kv_heads, group, d, rotary_dim or d, float(scale), chunk, splits, q.stride(0), q.stride(1),
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+        cs.stride(0) if rope and cs.shape[0] > 1 else 0,
         kbuf.stride(0), kbuf.stride(1), kbuf.stride(2), sm[0], sm[1], sm[3],
-        MASK=kind, QUANT=quant, BLOCK_G=next_pow2(group, 16), BLOCK_N=block_n, BLOCK_D=next_pow2(d, 16), num_warps=4)
-    y = torch.empty(bsz, heads, 1, d, dtype=q.dtype, device=q.device)
-    _combine_kernel[(bsz * heads,)](part, ml, y, splits, d, BLOCK_S=next_pow2(splits, 1), BLOCK_D=next_pow2(d, 1))
+        MASK=kind, QUANT=quant, NEW=new, ROPE=rope, BLOCK_G=next_pow2(group, 16), BLOCK_N=block_n,
+        BLOCK_D=next_pow2(d, 16), num_warps=4)
     return y

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_util import dot, output
+from ..triton_util import dot, output, tile_counters
 
 SMS_TARGET = 264  # ~2 programs per SM on an H100 (132 SMs)
 
@@ -103,24 +103,6 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
         tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
-# device -> int32 tile counters, zero between calls (the last split of a tile resets its own). One
-# buffer per device, never replaced (CUDA graphs capture its address): split-K runs only when a GEMM
-# has fewer tiles than SMS_TARGET, far below its size. The engine runs its GEMMs on one stream; two
-# split-K GEMMs in flight at once on one device would share counters.
-_COUNTERS: dict = {}
-COUNTERS = 1 << 16
-
-
-def _counters(device, n: int):
-    import torch
-
-    if n > COUNTERS:
-        raise ValueError(f"weight-only split-K over {n} tiles (at most {COUNTERS})")
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTERS[device]
-
-
 # best of the H100 sweeps (tools/bench_kernels.py; docs/bench-data/2026-11-22-h100-kernels-prefill-sweep.json):
 # [M, 11008] x [11008, 22016] int8 at M = 32: 116.9 us (bf16 cuBLAS 165.9, the old 64/64/64 tile 233.3);
 # at M = 312: 470.1 us (cuBLAS 238.8, old 746.1)
@@ -155,7 +137,7 @@ def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bi
     y = output(out, 0, (m, n), x.dtype, x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), splits)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else y
-    counters = _counters(x.device, grid[0] * grid[1]) if splits > 1 else y
+    counters = tile_counters(x.device, grid[0] * grid[1]) if splits > 1 else y
     _woq_kernel[grid](x2, w, scale, bias if bias is not None else scale, y, part, counters, m, n, k, x2.stride(0),
                       scale.shape[1] if scale.dim() == 2 else 1, max(group, 1), k_per_split, splits, BITS=bits,
                       GROUP_ALIGNED=bits == 4 and (k // 2) % group == 0 and group % cfg["BLOCK_K"] == 0

@@ -80,10 +80,11 @@ class RotaryEmbedding(FusedOp):
             attrs = {"rotary_embedding_dim": r} if r != d else {}
             emit.op("RotaryEmbedding", [x, *half], [node.outputs[0]], attrs)
             return
-        self._decompose(emit, node, x, cos, sin, r, d, layout)
+        self.decompose(emit, x, cos, sin, r, d, layout, node.outputs[0])
 
     @staticmethod
-    def _decompose(emit, node, x, cos, sin, r, d, layout):
+    def decompose(emit, x, cos, sin, r, d, layout, out=None):
+        """Emit the rotation of x (Slice/Neg/Concat/Mul/Add) into `out` (or a new tensor); returns it."""
         axis = emit.const([1 if layout == "bnsd" else -2])
         cos, sin = (emit.op("Unsqueeze", [t, axis])[0] for t in (cos, sin))
         last = emit.const([-1])
@@ -101,7 +102,8 @@ class RotaryEmbedding(FusedOp):
         lo = emit.op("Slice", [xr, emit.const([0]), half_t, last])[0]
         hi = emit.op("Slice", [xr, half_t, emit.const([BIG]), last])[0]
         rot = emit.op("Concat", [emit.op("Neg", [hi])[0], lo], 1, {"axis": -1})[0]
-        out = [node.outputs[0]] if rest is None else 1
-        y = emit.op("Add", [emit.op("Mul", [xr, cos])[0], emit.op("Mul", [rot, sin])[0]], out)[0]
+        y = emit.op("Add", [emit.op("Mul", [xr, cos])[0], emit.op("Mul", [rot, sin])[0]],
+                    [out] if rest is None and out is not None else 1)[0]
         if rest is not None:
-            emit.op("Concat", [y, rest], [node.outputs[0]], {"axis": -1})
+            y = emit.op("Concat", [y, rest], [out] if out is not None else 1, {"axis": -1})[0]
+        return y

@@ -16,7 +16,8 @@ given memory a view of one arena buffer at its planned offset, shared by values 
 do not overlap. `memory()` reports each bucket's arena against the sum of its activations.
 
 kernels: "triton" runs the plugins' Triton kernels (plugins/<op>/kernels.py) for mmc ops, the
-static-cache decode attention (write_kv + split-KV decode_attention) and weight-only GEMMs;
+static-cache decode attention (one decode_attention kernel: RoPE, cache write, split-KV, merge)
+and weight-only GEMMs;
 "torch" runs their torch references (sdpa for attention on CUDA); "auto" (default) is triton
 on CUDA when triton is installed, torch elsewhere. Standard ONNX ops are torch ops (cuBLAS GEMMs).
 
@@ -165,7 +166,7 @@ class Executor:
 
     def _step(self, s, ins, attrs, i, cache, out, casts):
         if i in self.cache_steps and cache is not None:
-            return self._static_attention(ins, attrs, cache, i)
+            return self._static_attention(ins, attrs, cache, i, out)
         return self._device_step(s, ins, attrs, i, out, casts)
 
     # ---- the activation arena -----------------------------------------------------------------
@@ -235,21 +236,34 @@ class Executor:
             casts[name] = t.to(self.dtype)
         return casts[name]
 
-    def _static_attention(self, ins, attrs, cache: StaticCache, i):
-        from mmc.plugins.attention import torch_dequantize_kv, torch_quantize_kv
+    def _static_attention(self, ins, attrs, cache: StaticCache, i, out=None):
+        from mmc.plugins.attention import (
+            torch_dequantize_kv,
+            torch_quantize_kv,
+            torch_rotate,
+            triton_rotate,
+            with_rotary,
+        )
 
-        q, k, v = ins[:3]
-        mask = ins[5] if len(ins) > 5 else None
+        ins = list(ins) + [None] * (10 - len(ins))
+        mask, kind = ins[5], attrs.get("kv_cache")
         kbuf, vbuf = cache.buffers[i]
-        kind = attrs.get("kv_cache")
+        if self.triton:
+            from mmc.plugins.attention.kernels import decode_attention
+
+            y = out[0] if out else None
+            if kind:  # the codes are made from the rotated k: rotate and quantize first
+                q, k, v = with_rotary(ins, attrs, triton_rotate)[:3]
+                k, v = torch_quantize_kv(k, ins[6], kind), torch_quantize_kv(v, ins[7], kind)
+                return [decode_attention(_rows(q), kbuf, vbuf, mask, cache.pos, attrs["scale"], ins[6], ins[7],
+                                         k=_rows(k), v=_rows(v), out=[y])]
+            q, k, v = ins[:3]
+            return [decode_attention(_rows(q), kbuf, vbuf, mask, cache.pos, attrs["scale"], k=_rows(k.to(kbuf.dtype)),
+                                     v=_rows(v.to(vbuf.dtype)), cos=ins[8], sin=ins[9],
+                                     rotary_dim=attrs.get("rotary_dim", 0), out=[y])]
+        q, k, v = with_rotary(ins, attrs, torch_rotate)[:3]
         if kind:
             k, v = torch_quantize_kv(k, ins[6], kind), torch_quantize_kv(v, ins[7], kind)
-        if self.triton:
-            from mmc.plugins.attention.kernels import decode_attention, write_kv
-
-            write_kv(_rows(k.to(kbuf.dtype)), _rows(v.to(vbuf.dtype)), kbuf, vbuf, cache.pos)
-            return [decode_attention(_rows(q), kbuf, vbuf, mask, cache.pos, attrs["scale"],
-                                     *((ins[6], ins[7]) if kind else ()))]
         kbuf.index_copy_(2, cache.pos, k.to(kbuf.dtype))  # this step's slot, in place
         vbuf.index_copy_(2, cache.pos, v.to(vbuf.dtype))
         kf, vf = kbuf, vbuf
@@ -268,9 +282,9 @@ def op_kernel(op, triton: bool):
             if res is not None:
                 return res
         if op.name == "Attention":
-            from mmc.plugins.attention import torch_cached_attention
+            from mmc.plugins.attention import torch_cached_attention, torch_rotate, with_rotary
 
-            return torch_cached_attention(ins, attrs, attention)
+            return torch_cached_attention(with_rotary(ins, attrs, torch_rotate), attrs, attention)
         return op.torch_reference(ins, attrs, out) if out is not None and op.torch_writes_out \
             else op.torch_reference(ins, attrs)
     return run
