@@ -4,9 +4,11 @@ The kernels run on a CUDA GPU, and on the CPU under Triton's interpreter (`TRITO
 set before triton is imported), which is how CI tests their logic without a GPU. Triton is
 imported only when a kernel is used: the CPU runtime and the compiler do not need it.
 
-- `INTERPRET`: true under the interpreter; `dot` works around its one known defect here (triton
+- `INTERPRET`: true under the interpreter; `dot` works around one of its defects here (triton
   3.6 computes bf16 `tl.dot` wrongly when interpreted; fp32 products of bf16 values are exact),
-  and keeps fp32 operands in IEEE fp32 on the GPU (tl.dot's default there is TF32).
+  and keeps fp32 operands in IEEE fp32 on the GPU (tl.dot's default there is TF32); `to`
+  works around the other (the interpreter truncates float32 -> bf16 casts; the GPU rounds to
+  nearest even), so a kernel's rounding points give the GPU's bits under the interpreter too.
 `output` gives a kernel the memory the executor planned for its result, where it plans one.
 `tile_counters` is the zeroed int32 buffer that kernels whose last program to finish does the
 final step (split-K fixup, split-KV merge) count in on.
@@ -31,6 +33,18 @@ def output(out, i: int, shape, dtype, device):
     if out is not None and i < len(out) and out[i] is not None:
         return out[i].view(shape)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def to(x, dtype: tl.constexpr):
+    """x.to(dtype), float32 -> bf16 rounded to nearest even under the interpreter as on the GPU."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            if x.dtype == tl.float32:
+                b = x.to(tl.uint32, bitcast=True)
+                b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000  # NaN/inf are not produced here
+                return b.to(tl.float32, bitcast=True).to(dtype)
+    return x.to(dtype)
 
 
 @triton.jit

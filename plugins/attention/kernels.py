@@ -27,7 +27,8 @@ import triton.language as tl
 
 from mmc.quantization import next_pow2
 
-from ..triton_util import dot, output
+from ..rotary.kernels import rotate_rows
+from ..triton_util import dot, output, to
 
 NO_MASK, ADD_MASK, BOOL_MASK = 0, 1, 2
 DECODE_SPLITS = 64   # target number of splits per (batch, kv head) over the static cache
@@ -42,20 +43,19 @@ def _mask_args(mask, shape4):
 
 
 @triton.jit
-def _online_block(q, k, v, s_mask, m_i, l_i, acc, scale, P_FP32: tl.constexpr = False):
+def _online_block(q, k, v, s_mask, m_i, l_i, acc, scale):
     """One key block of the online softmax; s_mask: scores with -inf where a key must not count.
-    P_FP32: multiply the probabilities by V in float32 (decode: memory-bound, so exact is free)
-    rather than rounded to V's dtype (prefill, as flash attention does)."""
+    The probabilities are rounded to V's dtype for P·V in prefill and decode alike, as flash
+    attention does (on the H100, transformers' sdpa runs cuDNN's attention; tools/noise_floor.py
+    measured sdpa's flash kernel at a logits cosine of 0.99956 from it, its float32 math kernel
+    at 0.99892: rounding P as flash does stays closer to the reference)."""
     s = dot(q, tl.trans(k)) * scale + s_mask
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if P_FP32:
-        acc = acc * alpha[:, None] + dot(p, v.to(tl.float32))
-    else:
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + dot(to(p, v.dtype), v)
     return m_new, l_i, acc
 
 
@@ -121,29 +121,6 @@ def flash_attention(q, k, v, mask, scale: float, out=None) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate(x_ptr, rows, d, sx, cs_ptr, sn_ptr, rot_dim, head_dim, ROPE: tl.constexpr):
-    """Rows `rows` of x (head axis stride sx, channels contiguous) rotate-half rotated by the tables
-    cs/sn [R] with transformers' rounding points (tables rounded to x's dtype; x·cos and
-    rotate_half(x)·sin each rounded, then their sum): plugins/rotary's kernel, for the heads a
-    decode program holds. Channels >= rot_dim pass through. -> [rows, D] in x's dtype."""
-    rm = rows[:, None] >= 0
-    dm = d[None, :] < head_dim
-    x = tl.load(x_ptr + rows[:, None] * sx + d[None, :], mask=rm & dm, other=0.0)
-    if ROPE:
-        half = rot_dim // 2
-        in_rot = d < rot_dim
-        partner = tl.where(d < half, d + half, d - half)
-        xp = tl.load(x_ptr + rows[:, None] * sx + partner[None, :], mask=rm & in_rot[None, :], other=0.0)
-        cosf = tl.load(cs_ptr + d, mask=in_rot, other=0.0).to(x.dtype).to(tl.float32)[None, :]
-        sinf = tl.load(sn_ptr + d, mask=in_rot, other=0.0).to(x.dtype).to(tl.float32)[None, :]
-        sign = tl.where(d < half, -1.0, 1.0)[None, :]
-        rot = (x.to(tl.float32) * cosf).to(x.dtype).to(tl.float32) + \
-            (sign * xp.to(tl.float32) * sinf).to(x.dtype).to(tl.float32)
-        x = tl.where(in_rot[None, :], rot, x.to(tl.float32)).to(x.dtype)
-    return x
-
-
-@triton.jit
 def _decode_kernel(q_ptr, kn_ptr, vn_ptr, cs_ptr, sn_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, ks_ptr, vs_ptr,
                    part_ptr, ml_ptr, count_ptr, y_ptr,
                    heads, kv_heads, group, head_dim, rot_dim, scale, chunk, splits,
@@ -160,12 +137,12 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, cs_ptr, sn_ptr, k_ptr, v_ptr, mask_ptr
     d = tl.arange(0, BLOCK_D)
     dm = d[None, :] < head_dim
     pos = tl.load(pos_ptr).to(tl.int32)  # slots 0..pos are attended to; this step's is pos
-    q = _rotate(q_ptr + b * sqb, tl.where(g < group, n, -1), d, sqn, cs_ptr + b * scb, sn_ptr + b * scb,
-                rot_dim, head_dim, ROPE)
+    q = rotate_rows(q_ptr + b * sqb, tl.where(g < group, n, -1), d, sqn, 1, cs_ptr + b * scb, sn_ptr + b * scb,
+                    rot_dim, head_dim, ROPE)
     kbase = b * skb + kvh * skn
     if NEW:  # this step's k/v: rotated here, stored by the split that owns slot pos, used from registers
-        kn = _rotate(kn_ptr + b * sknb, tl.zeros([1], tl.int64) + kvh, d, sknn, cs_ptr + b * scb,
-                     sn_ptr + b * scb, rot_dim, head_dim, ROPE).to(k_ptr.dtype.element_ty)
+        kn = rotate_rows(kn_ptr + b * sknb, tl.zeros([1], tl.int64) + kvh, d, sknn, 1, cs_ptr + b * scb,
+                         sn_ptr + b * scb, rot_dim, head_dim, ROPE).to(k_ptr.dtype.element_ty)
         vn = tl.load(vn_ptr + b * svnb + kvh * svnn + d[None, :], mask=dm, other=0.0).to(v_ptr.dtype.element_ty)
         if pos // chunk == split:
             tl.store(k_ptr + kbase + pos.to(tl.int64) * skt + d[None, :], kn, mask=dm)
@@ -192,7 +169,7 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, cs_ptr, sn_ptr, k_ptr, v_ptr, mask_ptr
             k = k.to(tl.float32) * ks
             v = v.to(tl.float32) * vs
         s_mask = _mask_scores(mrow, 0, cols[None, :].to(tl.int64), gm & (cols[None, :] < end), smt, MASK)
-        m_i, l_i, acc = _online_block(q, k.to(q.dtype), v.to(q.dtype), s_mask, m_i, l_i, acc, scale, True)
+        m_i, l_i, acc = _online_block(q, k.to(q.dtype), v.to(q.dtype), s_mask, m_i, l_i, acc, scale)
         i += BLOCK_N
     # partials [B, N, splits] (+ (max, sum)); the last split of this (batch, kv head) to count in
     # merges them in split order (the result does not depend on arrival order) and resets the count

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from mmc.quantization import next_pow2
 
-from ..triton_util import output
+from ..triton_util import output, to
 
 
 @triton.jit
@@ -30,13 +30,13 @@ def _rms_norm_kernel(x_ptr, skip_ptr, bias_ptr, w_ptr, y_ptr, sum_ptr, n_cols, e
     dt = x.dtype
     xf = x.to(tl.float32)  # arithmetic in float32, rounded to dt where torch rounds
     if HAS_SKIP:
-        xf = (xf + tl.load(skip_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        xf = to(xf + tl.load(skip_ptr + row * n_cols + cols, mask=m, other=0.0).to(tl.float32), dt).to(tl.float32)
         if HAS_BIAS:
-            xf = (xf + tl.load(bias_ptr + cols, mask=m, other=0.0).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        tl.store(sum_ptr + row * n_cols + cols, xf.to(dt), mask=m)
+            xf = to(xf + to(tl.load(bias_ptr + cols, mask=m, other=0.0), dt).to(tl.float32), dt).to(tl.float32)
+        tl.store(sum_ptr + row * n_cols + cols, to(xf, dt), mask=m)
     r = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    tl.store(y_ptr + row * n_cols + cols, ((xf * r).to(dt).to(tl.float32) * w).to(dt), mask=m)
+    w = to(tl.load(w_ptr + cols, mask=m, other=0.0), dt).to(tl.float32)
+    tl.store(y_ptr + row * n_cols + cols, to(to(xf * r, dt).to(tl.float32) * w, dt), mask=m)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, skip: torch.Tensor | None = None,
              bias: torch.Tensor | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor | None]:

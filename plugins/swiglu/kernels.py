@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_util import output
+from ..triton_util import output, to
 
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -33,7 +33,7 @@ def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n_cols, g_row_stride, u_row_stride, ACT:
     else:  # tanh(z) = 2σ(2z) - 1
         z = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
         a = 0.5 * gf * (2.0 * tl.sigmoid(2.0 * z))
-    tl.store(y_ptr + row * n_cols + cols, (a.to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
+    tl.store(y_ptr + row * n_cols + cols, to(to(a, g.dtype).to(tl.float32) * u.to(tl.float32), g.dtype), mask=m)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, activation: str = "silu", out=None) -> torch.Tensor:
