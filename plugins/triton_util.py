@@ -6,9 +6,11 @@ imported only when a kernel is used: the CPU runtime and the compiler do not nee
 
 - `INTERPRET`: true under the interpreter; `dot` works around one of its defects here (triton
   3.6 computes bf16 `tl.dot` wrongly when interpreted; fp32 products of bf16 values are exact),
-  and keeps fp32 operands in IEEE fp32 on the GPU (tl.dot's default there is TF32); `to`
-  works around the other (the interpreter truncates float32 -> bf16 casts; the GPU rounds to
-  nearest even), so a kernel's rounding points give the GPU's bits under the interpreter too.
+  and keeps fp32 operands in IEEE fp32 on the GPU (tl.dot's default there is TF32); `to` is
+  the cast for a rounding point (float32 -> bf16 / fp16 rounded to nearest even on the bits:
+  the interpreter truncates such casts, and on the GPU a `.to(bf16).to(float32)` round trip
+  did not round), so a kernel's rounding points give torch's bits on the GPU and under the
+  interpreter.
 `output` gives a kernel the memory the executor planned for its result, where it plans one.
 `tile_counters` is the zeroed int32 buffer that kernels whose last program to finish does the
 final step (split-K fixup, split-KV merge) count in on.
@@ -36,14 +38,27 @@ def output(out, i: int, shape, dtype, device):
 
 
 @triton.jit
+def _round_bits(x, drop: tl.constexpr):
+    """float32 x rounded to nearest even at mantissa bit `drop` (16: bf16's 7 bits, 13: fp16's 10),
+    as float32: integer arithmetic on the bits, which no compiler pass folds away."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + ((1 << (drop - 1)) - 1) + ((b >> drop) & 1)) & ~((1 << drop) - 1)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def to(x, dtype: tl.constexpr):
-    """x.to(dtype), float32 -> bf16 rounded to nearest even under the interpreter as on the GPU."""
-    if INTERPRET:
+    """x.to(dtype) where x is float32 and dtype bf16 / fp16: a rounding point that holds. A plain
+    `.to(bf16).to(float32)` round trip was measured NOT to round on the H100 (triton 3.6: the
+    kernels' "transformers rounding points" differed from torch's by an ulp), and the
+    interpreter truncates float32 -> bf16. Rounding the bits first makes the final cast exact, on
+    the GPU and under the interpreter alike. (fp16: normal range; a value in fp16's subnormal
+    range is rounded twice, off by an ulp at worst.)"""
+    if x.dtype == tl.float32:
         if dtype == tl.bfloat16:
-            if x.dtype == tl.float32:
-                b = x.to(tl.uint32, bitcast=True)
-                b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000  # NaN/inf are not produced here
-                return b.to(tl.float32, bitcast=True).to(dtype)
+            return _round_bits(x, 16).to(dtype)
+        if dtype == tl.float16:
+            return _round_bits(x, 13).to(dtype)
     return x.to(dtype)
 
 

@@ -165,8 +165,13 @@ def test_decode_attention_static_cache(dtype, heads, kv_heads, t, pos, rot):
     out = [torch.full((b, heads, 1, d), float("nan"), dtype=dtype, device=DEV)]
     got = decode_attention(q, kbuf, vbuf, mask, p, 0.125, k=k, v=v, cos=cos, sin=sin, rotary_dim=rot, out=out)
     assert got.data_ptr() == out[0].data_ptr()
-    # this step's k is rotated with torch's rounding points, bit for bit
-    assert torch.equal(kbuf[:, :, pos:pos + 1], rk) and torch.equal(vbuf[:, :, pos:pos + 1], v)
+    # this step's k is rotated with torch's rounding points: bit for bit in bf16 / fp16 (float32: the
+    # GPU may contract the products and the sum into FMAs)
+    if dtype == torch.float32:
+        close(kbuf[:, :, pos:pos + 1], rk, dtype)
+    else:
+        assert torch.equal(kbuf[:, :, pos:pos + 1], rk)
+    assert torch.equal(vbuf[:, :, pos:pos + 1], v)
     assert torch.equal(kbuf[:, :, :pos], cached_k) and torch.equal(vbuf[:, :, :pos], cached_v)
     assert not any(int(c.abs().sum()) for c in tu._COUNTERS.values())  # the merging splits reset their counters
     want = _attend(rq, kbuf[:, :, :pos + 1], vbuf[:, :, :pos + 1], mask[..., :pos + 1], heads, kv_heads, 0.125)
