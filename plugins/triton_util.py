@@ -42,7 +42,7 @@ def _round_bits(x, drop: tl.constexpr):
     """float32 x rounded to nearest even at mantissa bit `drop` (16: bf16's 7 bits, 13: fp16's 10),
     as float32: integer arithmetic on the bits, which no compiler pass folds away."""
     b = x.to(tl.uint32, bitcast=True)
-    b = (b + ((1 << (drop - 1)) - 1) + ((b >> drop) & 1)) & ~((1 << drop) - 1)
+    b = (b + ((1 << (drop - 1)) - 1) + ((b >> drop) & 1)) & (0xFFFFFFFF ^ ((1 << drop) - 1))
     return b.to(tl.float32, bitcast=True)
 
 
