@@ -56,9 +56,9 @@ def to(x, dtype: tl.constexpr):
     range is rounded twice, off by an ulp at worst.)"""
     if x.dtype == tl.float32:
         if dtype == tl.bfloat16:
-            return _round_bits(x, 16).to(dtype)
+            return tl.where(x != x, x, _round_bits(x, 16)).to(dtype)  # (the bit arithmetic would turn a NaN to 0)
         if dtype == tl.float16:
-            return _round_bits(x, 13).to(dtype)
+            return tl.where(x != x, x, _round_bits(x, 13)).to(dtype)
     return x.to(dtype)
 
 

@@ -13,6 +13,9 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from mmc.plugins.triton_util import to  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -32,6 +35,30 @@ def rand(*shape, dtype=torch.float32, scale=1.0):
 
 
 GEN = torch.Generator().manual_seed(0)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, DT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, to(tl.load(x_ptr + i, mask=i < n), DT), mask=i < n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_point_cast(dtype):
+    """triton_util.to: float32 -> bf16 / fp16 as torch casts (nearest even), NaN kept as NaN (the
+    GPU's canonical NaN is 0x7FFFFFFF), infinities and overflow as torch gives them."""
+    x = torch.randn(4000, generator=GEN) * torch.exp(torch.randn(4000, generator=GEN) * 3)
+    ties = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -11, 1.0 + 3 * 2 ** -11])  # halfway cases
+    special = torch.tensor([float("inf"), -float("inf"), 3.0e38, -7.0e4, 0.0, -0.0])
+    nans = torch.tensor([0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, ties, special, nans]).to(DEV)
+    if dtype == torch.float16:  # (fp16's subnormal range is rounded twice: not compared)
+        x = torch.where(x.abs() < 2 ** -14, torch.zeros_like(x), x)
+    y = torch.empty(x.shape, dtype=dtype, device=DEV)
+    _cast_kernel[(1,)](x, y, x.numel(), DT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, BLOCK=4096)
+    want = x.to(dtype)
+    assert torch.isnan(y[-3:]).all()
+    assert torch.equal(y[:-3], want[:-3])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

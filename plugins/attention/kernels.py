@@ -186,7 +186,7 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, cs_ptr, sn_ptr, k_ptr, v_ptr, mask_ptr
         y = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         base = (b * heads + n) * splits
         sp = 0
-        while sp <= pos // chunk:  # splits past slot pos attended to nothing
+        while sp <= tl.minimum(pos // chunk, splits - 1):  # splits past slot pos attended to nothing
             m_s = tl.load(ml_ptr + (base + sp) * 2, mask=pm, other=float("-inf"), cache_modifier=".cg")
             l_s = tl.load(ml_ptr + (base + sp) * 2 + 1, mask=pm, other=0.0, cache_modifier=".cg")
             a_s = tl.load(part_ptr + (base + sp)[:, None] * head_dim + d[None, :], mask=gm & dm, other=0.0,
@@ -221,6 +221,8 @@ def decode_attention(q, kbuf, vbuf, mask, pos, scale: float, k_scale=None, v_sca
     quant, new, rope = k_scale is not None, k is not None, cos is not None
     if rope and (quant or not new):
         raise ValueError("decode_attention: rotary needs this step's float k")
+    if rope and not (cos.shape == sin.shape and cos.dim() == 3 and cos.shape[1] == 1):
+        raise ValueError(f"decode_attention: tables must be [B or 1, 1, R], not {tuple(cos.shape)}")
     m, kind, sm = _mask_args(mask, (bsz, heads, 1, t))
     block_n = 32
     chunk = max(block_n, triton.cdiv(triton.cdiv(t, DECODE_SPLITS), block_n) * block_n)
