@@ -213,18 +213,19 @@ def logits_cosine(engine, models: dict, ids, pix, grid, steps: int = 16) -> dict
     out, refs = {}, {}
     for name, model in models.items():
         refs[name] = hf_stepwise_logits(model, ids, pix, grid, tokens[:steps], len(ids) + delta)
-        out[f"mmc_vs_transformers_{name}"] = _cosines(ours, refs[name])
+        out[f"mmc_vs_transformers_{name}"] = cosines(ours, refs[name])
         with torch.inference_mode():
             one_pass = model(**hf_inputs(full, pix, grid, model.dtype)).logits[0, len(ids) - 1:].float()
-        out[f"mmc_vs_transformers_{name}_one_pass"] = _cosines(ours, one_pass)
+        out[f"mmc_vs_transformers_{name}_one_pass"] = cosines(ours, one_pass)
     if len(refs) == 2:
-        out["transformers_bf16_vs_fp32"] = _cosines(refs["bf16"], refs["fp32"])
+        out["transformers_bf16_vs_fp32"] = cosines(refs["bf16"], refs["fp32"])
     return out
 
 
-def hf_stepwise_logits(model, ids, pix, grid, tokens, next_pos: int) -> list:
+def hf_stepwise_logits(model, ids, pix, grid, tokens, next_pos: int, steps: int = 0) -> list:
     """transformers' logits for the prompt's last position, then for each of `tokens` fed one at
-    a time on its DynamicCache (decode position of token i: next_pos + i on all three M-RoPE axes)."""
+    a time on its DynamicCache (decode position of token i: next_pos + i on all three M-RoPE axes);
+    tokens None: its own greedy choice, for `steps` steps."""
     from transformers import DynamicCache
 
     with torch.inference_mode():
@@ -232,7 +233,8 @@ def hf_stepwise_logits(model, ids, pix, grid, tokens, next_pos: int) -> list:
         cache = DynamicCache(config=model.config)
         out = model(**hf_inputs(ids, pix, grid, model.dtype), past_key_values=cache, use_cache=True)
         logits = [out.logits[0, -1].float()]
-        for i, t in enumerate(tokens):
+        for i in range(steps if tokens is None else len(tokens)):
+            t = int(logits[-1].argmax()) if tokens is None else tokens[i]
             out = model(input_ids=torch.tensor([[t]], device=DEVICE),
                         attention_mask=torch.ones(1, len(ids) + i + 1, dtype=torch.long, device=DEVICE),
                         position_ids=torch.full((3, 1, 1), next_pos + i, dtype=torch.long, device=DEVICE),
@@ -241,8 +243,10 @@ def hf_stepwise_logits(model, ids, pix, grid, tokens, next_pos: int) -> list:
     return logits
 
 
-def _cosines(ours, ref) -> dict:
-    cos = [torch.nn.functional.cosine_similarity(a.to(b.device), b, dim=0).item() for a, b in zip(ours, ref)]
+def cosines(ours, ref) -> dict:
+    """Per step (float64 cosines): min, mean, steps and top-1 agreement."""
+    cos = [torch.nn.functional.cosine_similarity(a.to(b.device).double(), b.double(), dim=0).item()
+           for a, b in zip(ours, ref)]
     top1 = sum(int(a.argmax().item() == b.argmax().item()) for a, b in zip(ours, ref))
     return {"min": round(min(cos), 6), "mean": round(sum(cos) / len(cos), 6), "steps": len(cos), "top1_agree": top1}
 

@@ -51,7 +51,6 @@ def main(argv=None) -> int:
         return 2
     from mmc import quantization as qz
     from mmc.plugins import OPS
-    from mmc.plugins.attention import torch_rotate
     from mmc.plugins.attention.kernels import decode_attention, flash_attention
     from mmc.plugins.linear import pack_int4
     from mmc.plugins.linear.kernels import weight_only_matmul
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     cos, sin = torch.cos(angle), torch.sin(angle)
 
     def torch_decode():
-        qr, kr = torch_rotate(q1, cos, sin, {}), torch_rotate(k1, cos, sin, {})
+        qr, kr = (OPS["RotaryEmbedding"].torch_reference([t, cos, sin], {})[0] for t in (q1, k1))
         kb.index_copy_(2, p, kr)
         vb.index_copy_(2, p, v1)
         return F.scaled_dot_product_attention(qr, kb, vb, attn_mask=mask.to(bf), scale=attrs["scale"], enable_gqa=True)

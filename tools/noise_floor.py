@@ -41,34 +41,10 @@ sys.path.insert(0, __file__.rsplit("/tools/", 1)[0])
 from tools import bench_cuda  # noqa: E402
 
 
-def stepwise(model, ids, steps: int, tokens=None) -> tuple[list, list]:
-    """Logits for the prompt's last position and each decode step, fed one token at a time on a
-    DynamicCache; tokens: the continuation to feed (None: greedy, argmax of each step)."""
-    from transformers import DynamicCache
-
-    dev = model.device
-    out_logits, fed = [], []
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=torch.from_numpy(ids)[None].to(dev), past_key_values=cache, use_cache=True)
-        for i in range(steps + 1):
-            lg = out.logits[0, -1].double()
-            out_logits.append(lg)
-            if i == steps:
-                break
-            t = int(lg.argmax()) if tokens is None else tokens[i]
-            fed.append(t)
-            pos = len(ids) + i
-            out = model(input_ids=torch.tensor([[t]], device=dev),
-                        position_ids=torch.full((3, 1, 1), pos, dtype=torch.long, device=dev),
-                        past_key_values=cache, use_cache=True)
-    return out_logits, fed
-
-
-def cosines(a: list, b: list) -> dict:
-    cos = [F.cosine_similarity(x, y.to(x.device), dim=0).item() for x, y in zip(a, b)]
-    top1 = sum(int(x.argmax() == y.argmax()) for x, y in zip(a, b))
-    return {"min": round(min(cos), 6), "mean": round(sum(cos) / len(cos), 6), "steps": len(cos), "top1_agree": top1}
+def stepwise(model, ids, steps: int, tokens=None) -> list:
+    """Logits for the prompt's last position and each decode step, on transformers' KV cache
+    (bench_cuda's reference); tokens None: greedy."""
+    return bench_cuda.hf_stepwise_logits(model, ids, None, None, tokens, len(ids), steps)
 
 
 @contextlib.contextmanager
@@ -142,7 +118,9 @@ def main(argv=None) -> int:
         model = model.to(torch.bfloat16)
     ids = np.random.default_rng(0).integers(10, PRESETS[args.preset].bpe_vocab - 50,
                                             size=args.prompt_tokens).astype(np.int64)
-    ref, tokens = stepwise(model, ids, args.steps)
+    bench_cuda.DEVICE = args.device
+    ref = stepwise(model, ids, args.steps)
+    tokens = [int(lg.argmax()) for lg in ref[:-1]]
     report = {"command": " ".join(["python", "tools/noise_floor.py", *(argv or sys.argv[1:])]),
               "preset": args.preset, "layers": args.layers or None, "device": args.device,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -153,16 +131,16 @@ def main(argv=None) -> int:
     for name, ctx in variants(model, args.device).items():
         try:
             with ctx():
-                runs[name] = stepwise(model, ids, args.steps, tokens)[0]
+                runs[name] = stepwise(model, ids, args.steps, tokens)
         except Exception as e:  # a backend this GPU / mask does not support
             report["skipped"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             continue
-        report["vs_reference"][name] = cosines(runs[name], ref)
+        report["vs_reference"][name] = bench_cuda.cosines(runs[name], ref)
         bench_cuda._log(f"{name}: {report['vs_reference'][name]}")
     model = model.float()
-    fp32 = stepwise(model, ids, args.steps, tokens)[0]
-    report["vs_reference"]["fp32"] = cosines(fp32, ref)
-    report["vs_fp32"] = {"transformers-bf16": cosines(ref, fp32)} | {k: cosines(v, fp32) for k, v in runs.items()}
+    fp32 = stepwise(model, ids, args.steps, tokens)
+    report["vs_reference"]["fp32"] = bench_cuda.cosines(fp32, ref)
+    report["vs_fp32"] = {"transformers-bf16": bench_cuda.cosines(ref, fp32)} | {k: bench_cuda.cosines(v, fp32) for k, v in runs.items()}
     report["seconds"] = round(time.time() - t0, 1)
     for name, c in report["vs_reference"].items():
         f = report["vs_fp32"].get(name, {})

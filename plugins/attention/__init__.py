@@ -51,7 +51,7 @@ class Attention(FusedOp):
     min_opset = 23
 
     def reference(self, inputs, attrs):
-        inputs = with_rotary(inputs, attrs, _rotate_np)
+        inputs = with_rotary(inputs, attrs, "reference")
         q, k, v = inputs[:3]
         past_k, past_v, mask, k_scale, v_scale = (inputs + [None] * 8)[3:8]
         kind = attrs.get("kv_cache")
@@ -76,7 +76,7 @@ class Attention(FusedOp):
 
     def torch_reference(self, inputs, attrs):
         """The cuda target's reference kernel (torch; scores and softmax in float32, as sdpa)."""
-        return torch_cached_attention(with_rotary(inputs, attrs, torch_rotate), attrs, torch_attend)
+        return torch_cached_attention(with_rotary(inputs, attrs, "torch_reference"), attrs, torch_attend)
 
     writes_out = True
 
@@ -85,7 +85,7 @@ class Attention(FusedOp):
         (decode over a static cache is the executor's: one decode_attention kernel)."""
         from .kernels import flash_attention
 
-        return torch_cached_attention(with_rotary(inputs, attrs, triton_rotate), attrs,
+        return torch_cached_attention(with_rotary(inputs, attrs, "triton_kernel"), attrs,
                                       lambda q, k, v, mask, a: flash_attention(q, k, v, mask, a["scale"], out))
 
     def infer(self, node):
@@ -184,36 +184,20 @@ class Attention(FusedOp):
 ROTARY_INPUTS = (8, 9)  # cos, sin
 
 
-def with_rotary(inputs, attrs, rotate) -> list:
-    """The op's inputs with q and k rotated by the fused tables (rotate(x, cos, sin, attrs) -> y)
-    and the tables dropped; unchanged (to 8 inputs) without them."""
+def with_rotary(inputs, attrs, face: str) -> list:
+    """The op's inputs with q and k rotated by the fused tables — by plugins/rotary's RotaryEmbedding
+    face `face` ("reference", "torch_reference" or "triton_kernel", which falls back to the torch
+    reference where it does not apply) — and the tables dropped; unchanged (to 8 inputs) without them."""
+    from ..rotary import RotaryEmbedding
+
     ins = list(inputs) + [None] * (10 - len(inputs))
     cos, sin = (ins[i] for i in ROTARY_INPUTS)
     if cos is not None:
-        ins[0], ins[1] = rotate(ins[0], cos, sin, attrs), rotate(ins[1], cos, sin, attrs)
+        rope, rattrs = RotaryEmbedding(), {"rotary_dim": attrs.get("rotary_dim", 0), "layout": "bnsd"}
+        for i in (0, 1):
+            got = getattr(rope, face)([ins[i], cos, sin], rattrs)
+            ins[i] = (got if got is not None else rope.torch_reference([ins[i], cos, sin], rattrs))[0]
     return ins[:8]
-
-
-def _rotary_attrs(attrs) -> dict:
-    return {"rotary_dim": attrs.get("rotary_dim", 0), "layout": "bnsd"}
-
-
-def _rotate_np(x, cos, sin, attrs):
-    from ..rotary import RotaryEmbedding
-
-    return RotaryEmbedding().reference([x, cos, sin], _rotary_attrs(attrs))[0]
-
-
-def torch_rotate(x, cos, sin, attrs):
-    from ..rotary import RotaryEmbedding
-
-    return RotaryEmbedding().torch_reference([x, cos, sin], _rotary_attrs(attrs))[0]
-
-
-def triton_rotate(x, cos, sin, attrs):
-    from ..rotary.kernels import rotary
-
-    return rotary(x, cos, sin, attrs.get("rotary_dim", 0), "bnsd")
 
 
 def torch_cached_attention(inputs, attrs, attend):

@@ -237,13 +237,7 @@ class Executor:
         return casts[name]
 
     def _static_attention(self, ins, attrs, cache: StaticCache, i, out=None):
-        from mmc.plugins.attention import (
-            torch_dequantize_kv,
-            torch_quantize_kv,
-            torch_rotate,
-            triton_rotate,
-            with_rotary,
-        )
+        from mmc.plugins.attention import torch_dequantize_kv, torch_quantize_kv, with_rotary
 
         ins = list(ins) + [None] * (10 - len(ins))
         mask, kind = ins[5], attrs.get("kv_cache")
@@ -253,7 +247,7 @@ class Executor:
 
             y = out[0] if out else None
             if kind:  # the codes are made from the rotated k: rotate and quantize first
-                q, k, v = with_rotary(ins, attrs, triton_rotate)[:3]
+                q, k, v = with_rotary(ins, attrs, "triton_kernel")[:3]
                 k, v = torch_quantize_kv(k, ins[6], kind), torch_quantize_kv(v, ins[7], kind)
                 return [decode_attention(_rows(q), kbuf, vbuf, mask, cache.pos, attrs["scale"], ins[6], ins[7],
                                          k=_rows(k), v=_rows(v), out=[y])]
@@ -261,7 +255,7 @@ class Executor:
             return [decode_attention(_rows(q), kbuf, vbuf, mask, cache.pos, attrs["scale"], k=_rows(k.to(kbuf.dtype)),
                                      v=_rows(v.to(vbuf.dtype)), cos=ins[8], sin=ins[9],
                                      rotary_dim=attrs.get("rotary_dim", 0), out=[y])]
-        q, k, v = with_rotary(ins, attrs, torch_rotate)[:3]
+        q, k, v = with_rotary(ins, attrs, "torch_reference")[:3]
         if kind:
             k, v = torch_quantize_kv(k, ins[6], kind), torch_quantize_kv(v, ins[7], kind)
         kbuf.index_copy_(2, cache.pos, k.to(kbuf.dtype))  # this step's slot, in place
@@ -282,9 +276,9 @@ def op_kernel(op, triton: bool):
             if res is not None:
                 return res
         if op.name == "Attention":
-            from mmc.plugins.attention import torch_cached_attention, torch_rotate, with_rotary
+            from mmc.plugins.attention import torch_cached_attention, with_rotary
 
-            return torch_cached_attention(with_rotary(ins, attrs, torch_rotate), attrs, attention)
+            return torch_cached_attention(with_rotary(ins, attrs, "torch_reference"), attrs, attention)
         return op.torch_reference(ins, attrs, out) if out is not None and op.torch_writes_out \
             else op.torch_reference(ins, attrs)
     return run
