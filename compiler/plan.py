@@ -15,7 +15,8 @@
                 mmc.WeightOnlyMatMul), linear (float GEMMs, with their bias, turned into
                 mmc.Linear), last_logits (the decoder returns logits [B, 1, V] for the
                 last position only), rope_attention (attentions that took in the rotary
-                of their q and k)
+                of their q and k), gemm_prologue (norms / gated activations folded into the
+                int8 GEMM they feed)
       caches    per attention that reads its K/V cache from graph inputs and returns it as graph
                 outputs: {step, past: [k, v], present: [k, v]} (the runtime keeps those caches
                 static and the attention writes them in place)
@@ -72,11 +73,12 @@ def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tupl
 
     if precision not in PRECISIONS:
         raise MmcError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
-    from .plan_rewrites import last_logits, linear, rope_attention, weight_only
+    from .plan_rewrites import gemm_prologue, last_logits, linear, rope_attention, weight_only
 
     rewrites = {"weight_only": weight_only(graph), "last_logits": component == "decoder" and last_logits(graph)}
     rewrites["linear"] = linear(graph)
     rewrites["rope_attention"] = rope_attention(graph)
+    rewrites["gemm_prologue"] = gemm_prologue(graph)
     graph.toposort()
     for node in graph.nodes:
         known = node.op in OPS if node.domain == DOMAIN else (not node.domain and node.op in ONNX_OPS)

@@ -23,6 +23,14 @@ target never sees them.
                       ->  y = mmc.Attention(q, k, v, ..., cos, sin; rotary_dim)   (plugins/attention's
                     fused-RoPE form: a decode step's rotary, cache write and attention are one
                     kernel; prefill runs the rotary kernels, then flash attention)
+    gemm-prologue   x' = RMSNorm(x, @g) | SkipRMSNorm(x, skip, @g) (no bias) | SwiGLU(gate_up), x' read
+                    only by  y = mmc.WeightOnlyMatMul(x', @w, @s (, @b))  with int8 codes
+                      ->  y (, s) = mmc.WeightOnlyMatMul(x, @w, @s, @b | "", @g (, skip); prologue)
+                    (plugins/linear/prologue.py: a batch-1 decode step's GEMV computes the norm or
+                    the gated activation on the fly, plugins/linear/gemv.py: one launch fewer per
+                    folded op; more rows run the op's own kernel first). Float GEMMs keep their
+                    norm: cuBLAS's GEMV beat the Triton GEMV on every bf16 decode shape
+                    (tools/sweep_gemv.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -171,3 +179,50 @@ def _sole_rotary(graph: gs.Graph, t: gs.Tensor, reader: gs.Node) -> gs.Node | No
     r = t.inputs[0]
     ok = r.op == "RotaryEmbedding" and r.domain == "mmc" and r.attrs.get("layout", "bnsd") == "bnsd"
     return r if ok else None
+
+
+PROLOGUE_OPS = {"RMSNorm": "rms", "SkipRMSNorm": "skip_rms", "SwiGLU": "swiglu"}
+
+
+def gemm_prologue(graph: gs.Graph) -> int:
+    """Fold the norm / gated activation that alone feeds an int8 weight-only GEMM into it; returns
+    the count."""
+    from mmc.plugins.linear import WeightOnlyMatMul
+
+    hits = 0
+    for node in list(graph.nodes):
+        if node.op != "WeightOnlyMatMul" or node.domain != "mmc" or node.attrs.get("bits") != 8 \
+                or node.attrs.get("prologue"):
+            continue
+        x = node.inputs[0]
+        if len(x.inputs) != 1 or x in graph.outputs or len(x.outputs) != 1:
+            continue
+        p = x.inputs[0]
+        kind = PROLOGUE_OPS.get(p.op) if p.domain == "mmc" and p.outputs[0] is x else None
+        if kind == "skip_rms" and len(p.inputs) > 3 and p.inputs[3].name:
+            kind = None  # a biased residual add: not a prologue form
+        if kind == "swiglu" and len(p.inputs) != 1:
+            kind = None  # gate and up as two tensors
+        if kind is None:
+            continue
+        extra = {"rms": lambda: [p.inputs[1]], "skip_rms": lambda: [p.inputs[2], p.inputs[1]],
+                 "swiglu": lambda: []}[kind]()
+        attrs = {"prologue": kind}
+        attrs.update({"activation": p.attrs.get("activation", "silu")} if kind == "swiglu"
+                     else {"epsilon": float(p.attrs["epsilon"])})
+        s = p.outputs[1] if kind == "skip_rms" and len(p.outputs) > 1 else None
+        src = p.inputs[0]
+        p.inputs.clear()
+        p.outputs.clear()
+        node.inputs[0] = src
+        while len(node.inputs) < WeightOnlyMatMul.PROLOGUE_AT:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs.extend(extra)
+        node.attrs.update(attrs)
+        if s is not None and (s.outputs or s in graph.outputs):
+            node.outputs.append(s)
+        hits += 1
+    if hits:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return hits
+

@@ -13,7 +13,7 @@ imported only when a kernel is used: the CPU runtime and the compiler do not nee
   interpreter.
 `output` gives a kernel the memory the executor planned for its result, where it plans one.
 `tile_counters` is the zeroed int32 buffer that kernels whose last program to finish does the
-final step (split-K fixup, split-KV merge) count in on.
+final step (split-K fixup, split-KV merge) count in on; `split_sum` is the split-K fixup itself.
 (Block sizes come from `mmc.quantization.next_pow2`; the executor decides which kernels run.)
 """
 
@@ -88,3 +88,25 @@ def tile_counters(device, n: int):
     if device not in _COUNTERS:
         _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     return _COUNTERS[device]
+
+
+@triton.jit
+def split_sum(acc, part_ptr, counter, split, n_splits, plane, offs, mask):
+    """Split-K fixup, in the kernel: store this split's float32 partial `acc` (at part_ptr +
+    split * plane + offs), count in on `counter`; the last split of the tile to arrive sums all
+    partials in split order (so the result does not depend on arrival order) and resets the
+    counter for the next call. Returns (sum, whether this program is that last one)."""
+    tl.store(part_ptr + split * plane + offs, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is stored before the count releases them
+    last = tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1
+    total = acc
+    if last:
+        tl.debug_barrier()
+        total = tl.zeros_like(acc)
+        sp = 0
+        while sp < n_splits:
+            total += tl.load(part_ptr + sp * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            sp += 1
+        tl.atomic_xchg(counter, 0)
+    return total, last
+

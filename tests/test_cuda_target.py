@@ -210,6 +210,58 @@ def test_rope_attention_needs_sole_readers_and_one_table():
     assert rope_attention(graph(False, False)) == 0
 
 
+def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
+    """gemm-prologue folds RMSNorm, SkipRMSNorm (its sum kept as the GEMM's second output) and the
+    packed SwiGLU into the int8 GEMM they alone feed. Must not fire: a norm output that another
+    node reads too, a SkipRMSNorm with a bias, an int4 GEMM."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    from mmc.plan_rewrites import gemm_prologue
+
+    f, k, n = np.float32, 8, 4
+
+    def woq(name, x, bits=8):
+        y = gs.Variable(f"{name}_y", f, [1, 1, n])
+        w = gs.Constant(f"{name}_w", np.ones((n, k) if bits == 8 else (n, k // 2), np.int8 if bits == 8 else np.uint8))
+        s = gs.Constant(f"{name}_s", np.ones(n if bits == 8 else (n, 1), f))
+        attrs = {"bits": bits, "k": k} | ({} if bits == 8 else {"group_size": k})
+        return gs.Node("WeightOnlyMatMul", name, attrs, [x, w, s], [y], domain="mmc"), y
+
+    def graph(variant):
+        a, r = gs.Variable("a", f, [1, 1, k]), gs.Variable("r", f, [1, 1, k])
+        gu = gs.Variable("gu", f, [1, 1, 2 * k])
+        g = gs.Constant("g", np.ones(k, f))
+        xn, s, h = (gs.Variable(t, f, [1, 1, k]) for t in ("xn", "s", "h"))
+        nodes, outs = [], []
+        if variant in ("rms", "shared", "int4"):
+            nodes.append(gs.Node("RMSNorm", "norm", {"epsilon": 1e-6}, [a, g], [xn], domain="mmc"))
+        elif variant in ("skip", "skip_bias"):
+            ins = [a, r, g] + ([gs.Constant("b", np.ones(k, f))] if variant == "skip_bias" else [])
+            nodes.append(gs.Node("SkipRMSNorm", "norm", {"epsilon": 1e-6}, ins, [xn, s], domain="mmc"))
+            outs.append(s)
+        else:
+            nodes.append(gs.Node("SwiGLU", "act", {"activation": "silu"}, [gu], [xn], domain="mmc"))
+        node, y = woq("gemm", xn, 4 if variant == "int4" else 8)
+        nodes.append(node)
+        outs.append(y)
+        if variant == "shared":
+            nodes.append(gs.Node("Neg", "neg", {}, [xn], [h]))
+            outs.append(h)
+        return gs.Graph(nodes=nodes, inputs=[a, r, gu], outputs=outs, opset=23)
+
+    for variant, kind in (("rms", "rms"), ("skip", "skip_rms"), ("swiglu", "swiglu")):
+        gr = graph(variant)
+        assert gemm_prologue(gr) == 1, variant
+        (node,) = gr.nodes
+        assert node.attrs["prologue"] == kind and node.inputs[3].name == ""
+        assert [t.name for t in node.inputs[4:]] == {"rms": ["g"], "skip_rms": ["g", "r"], "swiglu": []}[kind]
+        assert node.inputs[0].name == ("gu" if kind == "swiglu" else "a")
+        assert [t.name for t in node.outputs] == (["gemm_y", "s"] if kind == "skip_rms" else ["gemm_y"])
+    for variant in ("shared", "skip_bias", "int4"):
+        assert gemm_prologue(graph(variant)) == 0, variant
+
+
 def test_triton_kernels_interpreted_match_onnx_runtime(cuda_fp32, engine_all, images):
     """The same plan with every mmc op, the static-cache decode attention and the sampling on the
     plugins' Triton kernels (interpreted on this CPU): the greedy tokens of the ORT target."""
@@ -240,8 +292,13 @@ def test_weight_only_engines_run_from_codes(tiny_dir, tmp_path, mode):
     woq = next(s for s in plan["steps"] if s["op"] == "WeightOnlyMatMul")
     w = plan["constants"][woq["inputs"][1]]
     assert w["place"] == "device" and w["dtype"] == ("int8" if mode == "--int8" else "uint8")
-    biased = [s for s in plan["steps"] if s["op"] == "WeightOnlyMatMul" and len(s["inputs"]) == 4]
+    biased = [s for s in plan["steps"] if s["op"] == "WeightOnlyMatMul" and len(s["inputs"]) > 3 and s["inputs"][3]]
     assert len(biased) == 2  # each layer's qkv projection takes its bias
+    # int8: each layer's input norm, post-attention norm and SwiGLU run inside the GEMM they feed
+    folded = [s["attrs"].get("prologue") for s in plan["steps"] if s["op"] == "WeightOnlyMatMul"]
+    assert plan["rewrites"]["gemm_prologue"] == (6 if mode == "--int8" else 0)
+    if mode == "--int8":  # layer 0 starts from the embeddings (RMSNorm); layer 1 adds its residual first
+        assert sorted(p for p in folded if p) == ["rms", "skip_rms", "skip_rms", "skip_rms", "swiglu", "swiglu"]
     assert plan["constants"][biased[0]["inputs"][3]]["shape"] == [plan["constants"][biased[0]["inputs"][1]]["shape"][0]]
     torch_path = load(cuda, device="cpu", max_seq_len=64, kernels="torch")
     want = load(ort, device="cpu").generate("The quick brown", max_new_tokens=8).token_ids

@@ -276,6 +276,77 @@ def test_weight_only_matmul(dtype, bits, m, k):
     close(ref, torch.from_numpy(want), dtype)
 
 
+ONE_ROUNDING = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 5e-4}  # of the max |y|
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("codes", [False, True])
+@pytest.mark.parametrize("kind", ["", "rms", "skip_rms", "swiglu"])
+def test_gemv_with_prologue(dtype, codes, kind):
+    """The decode GEMV (one row) with each prologue: the replaced kernel's output (P(x), by the
+    norm / SwiGLU kernel) times W in float64, rounded once; s bit for bit the SkipRMSNorm
+    kernel's; with W the identity, y is P(x) itself (the prologue's rounding points are the
+    replaced kernel's). K is split three ways over programs and N is not a multiple of the tile:
+    every output is written, the counters are back at zero, a second call gives the same bits."""
+    from mmc.plugins import triton_util as tu
+    from mmc.plugins.linear import gemv, prologue
+
+    k, n = 384, 72
+    tile = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4}
+    x = rand(1, 1, 2 * k if kind == "swiglu" else k, dtype=dtype)
+    gamma, skip = (rand(k, dtype=dtype) * 0.5 + 1), rand(1, 1, k, dtype=dtype)
+    attrs = {"prologue": kind, "epsilon": 1e-6, "activation": "silu"}
+    xin, s_want = prologue.apply(x, [gamma, skip], attrs, "triton_kernel")
+    if codes:
+        w = torch.randint(-127, 128, (n, k), generator=GEN, dtype=torch.int8).to(DEV)
+        scale = (torch.rand(n, generator=GEN) * 0.01 + 0.001).to(DEV)
+        w64 = (w.double() * scale.double()[:, None]).T
+    else:
+        w, scale = rand(k, n, dtype=dtype, scale=0.1), None
+        w64 = w.double()
+    bias = rand(n, dtype=dtype)
+    out = [torch.full((n,), float("nan"), dtype=dtype, device=DEV),
+           torch.full((k,), float("nan"), dtype=dtype, device=DEV)]
+    y, s = gemv.gemv(x, w, scale=scale, bias=bias, prologue=kind, gamma=gamma, skip=skip, tile=tile, out=out)
+    want = xin.reshape(-1).double() @ w64 + bias.double()
+    close(y.reshape(-1), want, dtype, ONE_ROUNDING[dtype])
+    assert y.data_ptr() == out[0].data_ptr() and y.shape == (1, 1, n)
+    if kind == "skip_rms":
+        assert s.data_ptr() == out[1].data_ptr() and torch.equal(s, s_want)
+    else:
+        assert s is None
+    assert not any(int(c.abs().sum()) for c in tu._COUNTERS.values())
+    again, _ = gemv.gemv(x, w, scale=scale, bias=bias, prologue=kind, gamma=gamma, skip=skip, tile=tile)
+    assert torch.equal(again, y)
+    if not codes:
+        eye, _ = gemv.gemv(x, torch.eye(k, dtype=dtype, device=DEV), prologue=kind, gamma=gamma, skip=skip, tile=tile)
+        if tu.INTERPRET:
+            assert torch.equal(eye, xin)
+        else:  # the 1/rms may be summed in another order than the norm kernel's: an ulp at most
+            close(eye, xin, dtype, ONE_ROUNDING[dtype])
+
+
+def test_weight_only_matmul_prologue_faces_agree():
+    """mmc.WeightOnlyMatMul with a folded SkipRMSNorm: the one-row GEMV, the many-row path (the
+    norm kernel, then the weight-only kernel) and the torch reference give the numpy reference's
+    y and s."""
+    from mmc import quantization as qz
+    from mmc.plugins.linear import WeightOnlyMatMul
+
+    k, n = 256, 48
+    codes, scale = qz.quantize_per_channel(torch.randn(k, n, generator=GEN).numpy(), 8)
+    attrs = {"bits": 8, "k": k, "prologue": "skip_rms", "epsilon": 1e-6}
+    op = WeightOnlyMatMul()
+    for rows in (1, 5):
+        x, skip, g = rand(1, rows, k), rand(1, rows, k), rand(k) * 0.5 + 1
+        ins = [x, torch.from_numpy(codes.T.copy()).to(DEV), torch.from_numpy(scale).to(DEV), None, g, skip]
+        y_ref, s_ref = op.reference([t.cpu().numpy() if torch.is_tensor(t) else t for t in ins], attrs)
+        for got in (op.triton_kernel(ins, attrs), op.torch_reference(ins, attrs)):
+            assert len(got) == 2
+            close(got[0], torch.from_numpy(y_ref), torch.float32)
+            close(got[1], torch.from_numpy(s_ref), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("m", [1, 40])

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..base import Emitter, FusedOp, dtype_of, shape_of
+from ..base import Emitter, FusedOp, dtype_of, present, shape_of
+from . import prologue
 
 
 def pack_int4(codes: np.ndarray) -> np.ndarray:
@@ -42,9 +43,11 @@ class WeightOnlyMatMul(FusedOp):
                 k = j + K/2 in its high nibble, two's-complement codes in [-8, 7])
              scale float32 [N] (bits 8: per output channel) or [N, ceil(K/g)] (bits 4: per group
                    of g input channels)
-             bias [N] (optional; added in float32 before the one rounding to x's dtype)
-    outputs: y [..., N] (dtype of x)
-    attrs:   bits (8 | 4), group_size g (bits 4), k K
+             bias [N] (optional, may be empty; added in float32 before the one rounding to x's dtype)
+             prologue inputs from index 4 (plugins/linear/prologue.py)
+    outputs: y [..., N] (dtype of x), s (skip_rms prologue, optional)
+    attrs:   bits (8 | 4), group_size g (bits 4), k K; prologue, epsilon, activation (optional:
+             y = P(x) @ Ŵ, P the folded RMSNorm / SkipRMSNorm / SwiGLU, see prologue.py)
 
     Ŵ[k, n] = code[n, k] · scale[n]            (bits 8)
     Ŵ[k, n] = code[n, k] · scale[n, k // g]    (bits 4)
@@ -57,50 +60,75 @@ by the dequantized weight.
 """
 
     name = "WeightOnlyMatMul"
+    PROLOGUE_AT = 4
 
     def reference(self, inputs, attrs):
-        x, w, scale = inputs[:3]
+        x, s = prologue.apply(inputs[0], inputs[self.PROLOGUE_AT:], attrs, "reference")
+        w, scale = inputs[1:3]
         y = x.astype(np.float64) @ dequantized(w, scale, attrs)
-        if len(inputs) > 3 and inputs[3] is not None:
+        if _bias(inputs) is not None:
             y = y + inputs[3].astype(np.float64)
-        return [y.astype(x.dtype)]
+        return [y.astype(x.dtype)] + ([s] if s is not None else [])
 
     def torch_reference(self, inputs, attrs):
-        """Dequantize to x's dtype, then one matmul (what the DequantizeLinear -> MatMul pair
-        computes), the bias as nn.Linear adds it."""
-        import torch
-        import torch.nn.functional as F
-
-        x, w, scale = inputs[:3]
-        if attrs["bits"] == 8:
-            wf = w.to(torch.float32) * scale.float()[:, None]                    # [N, K]
-        else:
-            b = w.to(torch.int16)
-            lo, hi = b & 0xF, b >> 4
-            codes = torch.cat([lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)], dim=1).float()
-            wf = codes * scale.float().repeat_interleave(attrs["group_size"], dim=1)[:, : codes.shape[1]]
-        return [F.linear(x, wf.to(x.dtype), inputs[3] if len(inputs) > 3 else None)]
+        """The prologue's op, then dequantize to x's dtype and one matmul (what the
+        DequantizeLinear -> MatMul pair computes), the bias as nn.Linear adds it."""
+        x, s = prologue.apply(inputs[0], inputs[self.PROLOGUE_AT:], attrs, "torch_reference")
+        return [_torch_woq(x, inputs, attrs)] + ([s] if s is not None else [])
 
     writes_out = True
 
     def triton_kernel(self, inputs, attrs, out=None):
+        """One row with int8 codes: the GEMV, its prologue inside (gemv.py). Else the
+        prologue's kernel, then the weight-only GEMM (kernels.py)."""
+        from . import gemv
         from .kernels import weight_only_matmul
 
-        return [weight_only_matmul(inputs[0], inputs[1], inputs[2], attrs["bits"], attrs.get("group_size", 0),
-                                   out=out, bias=inputs[3] if len(inputs) > 3 else None)]
+        x, w, scale, bias = inputs[0], inputs[1], inputs[2], _bias(inputs)
+        kind = attrs.get("prologue", "")
+        if gemv.applies(x, attrs["bits"]):
+            extra = list(inputs[self.PROLOGUE_AT:]) + [None, None]
+            y, s = gemv.gemv(x, w, scale=scale, bias=bias, prologue=kind, gamma=extra[0], skip=extra[1],
+                             epsilon=attrs.get("epsilon", 1e-6), activation=attrs.get("activation", "silu"), out=out)
+            return [y] + ([s] if kind == "skip_rms" else [])
+        x, s = prologue.apply(x, inputs[self.PROLOGUE_AT:], attrs, "triton_kernel",
+                              out[1] if out and len(out) > 1 else None)
+        y = weight_only_matmul(x, w, scale, attrs["bits"], attrs.get("group_size", 0), out=out, bias=bias)
+        return [y] + ([s] if s is not None else [])
 
     def infer(self, node):
-        xs, ws = shape_of(node.inputs[0]), shape_of(node.inputs[1])
-        return [(dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])]
+        xs, ws = prologue.gemm_rows(node), shape_of(node.inputs[1])
+        y = (dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])
+        return [y] + prologue.extra_outputs(node)
 
     def lower_ort(self, emit: Emitter, node, opset):
-        x, w, scale = node.inputs[:3]
+        x = prologue.lower_ort(emit, node, self.PROLOGUE_AT, opset)
+        w, scale = node.inputs[1:3]
         wf = dequantized(np.asarray(w.values), np.asarray(scale.values), node.attrs).astype(np.float32)
-        if len(node.inputs) > 3:
+        if present(node, 3) is not None:
             (y,) = emit.op("MatMul", [x, emit.const(wf, np.float32)], 1)
             emit.op("Add", [y, node.inputs[3]], [node.outputs[0]])
         else:
             emit.op("MatMul", [x, emit.const(wf, np.float32)], [node.outputs[0]])
+
+
+def _bias(inputs):
+    return inputs[3] if len(inputs) > 3 else None
+
+
+def _torch_woq(x, inputs, attrs):
+    import torch
+    import torch.nn.functional as F
+
+    w, scale = inputs[1:3]
+    if attrs["bits"] == 8:
+        wf = w.to(torch.float32) * scale.float()[:, None]                    # [N, K]
+    else:
+        b = w.to(torch.int16)
+        lo, hi = b & 0xF, b >> 4
+        codes = torch.cat([lo - 16 * (lo >= 8), hi - 16 * (hi >= 8)], dim=1).float()
+        wf = codes * scale.float().repeat_interleave(attrs["group_size"], dim=1)[:, : codes.shape[1]]
+    return F.linear(x, wf.to(x.dtype), _bias(inputs))
 
 
 class Linear(FusedOp):

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_util import dot, output, tile_counters
+from ..triton_util import dot, output, split_sum, tile_counters
 
 SMS_TARGET = 264  # ~2 programs per SM on an H100 (132 SMs)
 
@@ -85,18 +85,8 @@ def _woq_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
     tile = (rm[:, None].to(tl.int64) * N + rn[None, :])
     last = True
     if SPLIT:
-        tl.store(part_ptr + split * M * N + tile, acc, mask=omask)
-        tl.debug_barrier()  # every thread's partial is stored before the count releases them
         counter = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        last = tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1
-        if last:
-            tl.debug_barrier()
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            sp = 0
-            while sp < n_splits:  # in split order: the sum does not depend on arrival order
-                acc += tl.load(part_ptr + sp * M * N + tile, mask=omask, other=0.0, cache_modifier=".cg")
-                sp += 1
-            tl.atomic_xchg(counter, 0)
+        acc, last = split_sum(acc, part_ptr, counter, split, n_splits, M * N, tile, omask)
     if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]

@@ -35,8 +35,14 @@ def _rms_norm_kernel(x_ptr, skip_ptr, bias_ptr, w_ptr, y_ptr, sum_ptr, n_cols, e
             xf = to(xf + to(tl.load(bias_ptr + cols, mask=m, other=0.0), dt).to(tl.float32), dt).to(tl.float32)
         tl.store(sum_ptr + row * n_cols + cols, to(xf, dt), mask=m)
     r = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    w = to(tl.load(w_ptr + cols, mask=m, other=0.0), dt).to(tl.float32)
-    tl.store(y_ptr + row * n_cols + cols, to(to(xf * r, dt).to(tl.float32) * w, dt), mask=m)
+    tl.store(y_ptr + row * n_cols + cols, normed(xf, r, tl.load(w_ptr + cols, mask=m, other=0.0), dt), mask=m)
+
+
+@triton.jit
+def normed(xf, r, w, dt: tl.constexpr):
+    """(xf * r).to(dt) * w.to(dt), rounded to dt: the norm's output with transformers' rounding
+    points (xf float32, r the row's 1/rms; also the GEMV's rms prologue)."""
+    return to(to(xf * r, dt).to(tl.float32) * to(w, dt).to(tl.float32), dt)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, skip: torch.Tensor | None = None,
              bias: torch.Tensor | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor | None]:

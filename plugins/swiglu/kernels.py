@@ -25,6 +25,12 @@ def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n_cols, g_row_stride, u_row_stride, ACT:
     m = cols < n_cols
     g = tl.load(g_ptr + row * g_row_stride + cols, mask=m, other=0.0)
     u = tl.load(u_ptr + row * u_row_stride + cols, mask=m, other=0.0)
+    tl.store(y_ptr + row * n_cols + cols, gated(g, u, ACT), mask=m)
+
+
+@triton.jit
+def gated(g, u, ACT: tl.constexpr):
+    """act(g) * u in g's dtype with torch's rounding points (also the GEMV's swiglu prologue)."""
     gf = g.to(tl.float32)
     if ACT == 0:
         a = gf * tl.sigmoid(gf)
@@ -33,7 +39,7 @@ def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n_cols, g_row_stride, u_row_stride, ACT:
     else:  # tanh(z) = 2σ(2z) - 1
         z = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
         a = 0.5 * gf * (2.0 * tl.sigmoid(2.0 * z))
-    tl.store(y_ptr + row * n_cols + cols, to(to(a, g.dtype).to(tl.float32) * u.to(tl.float32), g.dtype), mask=m)
+    return to(to(a, g.dtype).to(tl.float32) * u.to(tl.float32), g.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, activation: str = "silu", out=None) -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""Triton GEMV for one row (a batch-1 decode step): y = P(x) @ W (+ bias), where P, the op that
+made the GEMM's input, runs inside the GEMV as its prologue instead of as a kernel of its own.
+
+    W   float [K, N] (mmc.Linear's layout), or int8 codes [N, K] and a scale [N]
+        (WeightOnlyMatMul bits 8: y = (P(x) @ codesᵀ) · scale)
+    P   none       x
+        rms        RMSNorm(x, gamma)                                      plugins/norms RMSNorm
+        skip_rms   RMSNorm(s, gamma), s = x + skip; s is written too      plugins/norms SkipRMSNorm
+        swiglu     act(x[:K]) * x[K:], x the [2K] gate_up row             plugins/swiglu SwiGLU
+    with the rounding points of the kernels it replaces (norms/kernels.normed, swiglu/kernels.gated).
+
+A batch-1 decode GEMV is memory-bound and, at these sizes, latency-bound: each program loads one
+BLOCK_K × BLOCK_N tile of W (every load issued before any math), multiplies it by P(x)'s K-slice
+in float32 (products of bf16/fp16 values are exact in float32, as the tensor cores form them) and
+reduces over K; the K / BLOCK_K programs of a column tile meet in the split-K fixup
+(triton_util.split_sum: the last to finish sums the partials in split order, adds the bias,
+rounds once and stores). The rms prologues need the row's 1/rms over all of K first: every
+program computes it from x (K values from L2), and the program of column tile 0, split 0 writes
+s. P(x)'s K-slice (and gamma's, skip's) come from L2.
+
+Measured on the H100 (tools/sweep_gemv.py, docs/benchmarks.md): with int8 codes it is 1.3-1.6×
+faster than the weight-only GEMM kernel (kernels.py) on the decode shapes; with bf16 weights it
+is 5-25 % slower than cuBLAS, so mmc.Linear stays on cuBLAS and only int8 GEMMs take prologues.
+
+More rows (batched decode, prefill) run P's own kernel and then cuBLAS / the weight-only kernel:
+see `applies`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..norms.kernels import normed
+from ..swiglu.kernels import ACTS, gated
+from ..triton_util import output, split_sum, tile_counters, to
+
+PROLOGUES = {"": 0, "rms": 1, "skip_rms": 2, "swiglu": 3}
+FLOAT = {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8}  # W [K, N]: rows of N contiguous
+CODES = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8}  # codes [N, K]: rows of K contiguous
+NORM_BLOCK = 1024
+
+
+@triton.jit
+def _input(x_ptr, skip_ptr, g_ptr, rk, km, K, r, PRO: tl.constexpr, ACT: tl.constexpr):
+    """P(x)[rk] as float32 (zero where not km)."""
+    x = tl.load(x_ptr + rk, mask=km, other=0.0)
+    dt = x.dtype
+    if PRO == 3:
+        v = gated(x, tl.load(x_ptr + K + rk, mask=km, other=0.0), ACT)
+    elif PRO == 0:
+        v = x
+    else:
+        xf = x.to(tl.float32)
+        if PRO == 2:
+            xf = to(xf + tl.load(skip_ptr + rk, mask=km, other=0.0).to(tl.float32), dt).to(tl.float32)
+        v = normed(xf, r, tl.load(g_ptr + rk, mask=km, other=0.0), dt)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, skip_ptr, g_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sum_ptr, part_ptr, count_ptr,
+                 N, K, swk, swn, n_splits, eps, PRO: tl.constexpr, ACT: tl.constexpr, QUANT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NORM: tl.constexpr):
+    tile_n, split = tl.program_id(0), tl.program_id(1)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = rn < N
+    rk = split * BLOCK_K + tl.arange(0, BLOCK_K)
+    km = rk < K
+    w = tl.load(w_ptr + rk[:, None].to(tl.int64) * swk + rn[None, :].to(tl.int64) * swn,  # before any math
+                mask=km[:, None] & nm[None, :], other=0.0)
+    r = 0.0
+    if PRO == 1 or PRO == 2:  # the row's 1/rms over all of K (and s, written once)
+        dt = x_ptr.dtype.element_ty
+        write = (tile_n == 0) & (split == 0)
+        ss = tl.zeros([NORM], tl.float32)
+        k0 = 0
+        while k0 < K:
+            kk = k0 + tl.arange(0, NORM)
+            kn = kk < K
+            xf = tl.load(x_ptr + kk, mask=kn, other=0.0).to(tl.float32)
+            if PRO == 2:
+                xf = to(xf + tl.load(skip_ptr + kk, mask=kn, other=0.0).to(tl.float32), dt).to(tl.float32)
+                if write:
+                    tl.store(sum_ptr + kk, to(xf, dt), mask=kn)
+            ss += xf * xf
+            k0 += NORM
+        r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    x = _input(x_ptr, skip_ptr, g_ptr, rk, km, K, r, PRO, ACT)
+    acc = x[:, None] * w.to(tl.float32)
+    y = tl.sum(acc, axis=0)
+    last = True
+    if SPLIT:
+        y, last = split_sum(y, part_ptr, count_ptr + tile_n, split, n_splits, N, rn, nm)
+    if last:
+        if QUANT:
+            y = y * tl.load(s_ptr + rn, mask=nm, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, to(y, y_ptr.dtype.element_ty), mask=nm)
+
+
+def applies(x: torch.Tensor, bits: int = 0) -> bool:
+    """Whether `gemv` takes this call: one row (x [..., K] with one K-vector), a float or int8
+    weight, on a GPU or under the interpreter."""
+    from ..triton_util import INTERPRET
+
+    return x.numel() == x.shape[-1] and bits in (0, 8) and (x.is_cuda or bool(INTERPRET))
+
+
+def config(n: int, k: int, codes: bool, tile: dict | None = None) -> dict:
+    """Tile: `tile` (a sweep's candidate), FLOAT, or for codes the H100 sweep's picks (longer
+    K-slices for long K, wider column tiles for wide N); K is split into K / BLOCK_K programs per
+    column tile."""
+    if tile or not codes:
+        return dict(tile or FLOAT)
+    return dict(CODES, BLOCK_K=1024 if k >= 8192 else 512, BLOCK_N=32 if n >= 8192 else 16)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         prologue: str = "", gamma: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+         epsilon: float = 1e-6, activation: str = "silu", tile: dict | None = None, out=None):
+    """P(x) @ W (+ bias) for one row x [..., K] (swiglu: [..., 2K]) -> (y [..., N] in x's dtype,
+    s = x + skip for skip_rms else None). W: float [K, N], or int8 codes [N, K] with `scale` [N].
+    out: the executor's buffers [y, s] (entries may be None)."""
+    codes = scale is not None
+    n, k = (w.shape[0], w.shape[1]) if codes else (w.shape[1], w.shape[0])
+    swk, swn = (1, k) if codes else (n, 1)
+    xr = x.reshape(-1).contiguous()
+    cfg = config(n, k, codes, tile)
+    splits = triton.cdiv(k, cfg["BLOCK_K"])
+    y = output(out, 0, (n,), x.dtype, x.device)
+    s = None
+    if prologue == "skip_rms":
+        skip = skip.reshape(-1).to(x.dtype).contiguous()
+        s = output(out, 1, (k,), x.dtype, x.device)
+    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    part = torch.empty(splits, n, dtype=torch.float32, device=x.device) if splits > 1 else y
+    counters = tile_counters(x.device, tiles) if splits > 1 else y
+    _gemv_kernel[(tiles, splits)](
+        xr, skip if skip is not None else xr, gamma if gamma is not None else xr, w,
+        scale if codes else xr, bias if bias is not None else xr, y, s if s is not None else y, part, counters,
+        n, k, swk, swn, splits, float(epsilon), PRO=PROLOGUES[prologue], ACT=ACTS[activation],
+        QUANT=codes, HAS_BIAS=bias is not None, SPLIT=splits > 1, NORM=min(NORM_BLOCK, triton.next_power_of_2(k)),
+        **cfg)
+    lead = x.shape[:-1]
+    return y.view(*lead, n), (s.view(*lead, k) if s is not None else None)
