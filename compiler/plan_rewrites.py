@@ -181,7 +181,8 @@ def _sole_rotary(graph: gs.Graph, t: gs.Tensor, reader: gs.Node) -> gs.Node | No
     return r if ok else None
 
 
-PROLOGUE_OPS = {"RMSNorm": "rms", "SkipRMSNorm": "skip_rms", "SwiGLU": "swiglu"}
+# producer op -> (prologue, which of its inputs become the GEMM's prologue inputs, in prologue.py's order)
+PROLOGUE_OPS = {"RMSNorm": ("rms", (1,)), "SkipRMSNorm": ("skip_rms", (2, 1)), "SwiGLU": ("swiglu", ())}
 
 
 def gemm_prologue(graph: gs.Graph) -> int:
@@ -198,15 +199,14 @@ def gemm_prologue(graph: gs.Graph) -> int:
         if len(x.inputs) != 1 or x in graph.outputs or len(x.outputs) != 1:
             continue
         p = x.inputs[0]
-        kind = PROLOGUE_OPS.get(p.op) if p.domain == "mmc" and p.outputs[0] is x else None
+        kind, picks = PROLOGUE_OPS.get(p.op, (None, ())) if p.domain == "mmc" and p.outputs[0] is x else (None, ())
         if kind == "skip_rms" and len(p.inputs) > 3 and p.inputs[3].name:
             kind = None  # a biased residual add: not a prologue form
         if kind == "swiglu" and len(p.inputs) != 1:
             kind = None  # gate and up as two tensors
         if kind is None:
             continue
-        extra = {"rms": lambda: [p.inputs[1]], "skip_rms": lambda: [p.inputs[2], p.inputs[1]],
-                 "swiglu": lambda: []}[kind]()
+        extra = [p.inputs[i] for i in picks]
         attrs = {"prologue": kind}
         attrs.update({"activation": p.attrs.get("activation", "silu")} if kind == "swiglu"
                      else {"epsilon": float(p.attrs["epsilon"])})
