@@ -24,7 +24,8 @@ target never sees them.
                     fused-RoPE form: a decode step's rotary, cache write and attention are one
                     kernel; prefill runs the rotary kernels, then flash attention)
     gemm-prologue   x' = RMSNorm(x, @g) | SkipRMSNorm(x, skip, @g) (no bias) | SwiGLU(gate_up), x' read
-                    only by  y = mmc.WeightOnlyMatMul(x', @w, @s (, @b))  with int8 codes
+                    only by  y = mmc.WeightOnlyMatMul(x', @w, @s (, @b))  with int8 codes (a norm
+                    only where N <= NORM_FOLD_MAX_N_PER_K · K)
                       ->  y (, s) = mmc.WeightOnlyMatMul(x, @w, @s, @b | "", @g (, skip); prologue)
                     (plugins/linear/prologue.py: a batch-1 decode step's GEMV computes the norm or
                     the gated activation on the fly, plugins/linear/gemv.py: one launch fewer per
@@ -181,6 +182,11 @@ def _sole_rotary(graph: gs.Graph, t: gs.Tensor, reader: gs.Node) -> gs.Node | No
     return r if ok else None
 
 
+# A norm folds only into GEMMs with N <= NORM_FOLD_MAX_N_PER_K · K: every GEMV program recomputes
+# the row's 1/rms over all of K, which costs more than the norm's own launch on wide GEMMs (H100,
+# tools/sweep_gemv.py: the 3B gate_up [2048 -> 22016] int8 GEMV 20.8 us alone, 41.2 us with the
+# skip_rms prologue; qkv [2048 -> 2560] 6.4 / 7.7 us, where the norm kernel alone costs ~2).
+NORM_FOLD_MAX_N_PER_K = 4
 # producer op -> (prologue, which of its inputs become the GEMM's prologue inputs, in prologue.py's order)
 PROLOGUE_OPS = {"RMSNorm": ("rms", (1,)), "SkipRMSNorm": ("skip_rms", (2, 1)), "SwiGLU": ("swiglu", ())}
 
@@ -204,6 +210,8 @@ def gemm_prologue(graph: gs.Graph) -> int:
             kind = None  # a biased residual add: not a prologue form
         if kind == "swiglu" and len(p.inputs) != 1:
             kind = None  # gate and up as two tensors
+        if kind in ("rms", "skip_rms") and node.inputs[1].shape[0] > NORM_FOLD_MAX_N_PER_K * node.attrs["k"]:
+            kind = None  # a wide GEMM: the norm's own kernel is cheaper than recomputing it per program
         if kind is None:
             continue
         extra = [p.inputs[i] for i in picks]

@@ -213,7 +213,7 @@ def test_rope_attention_needs_sole_readers_and_one_table():
 def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
     """gemm-prologue folds RMSNorm, SkipRMSNorm (its sum kept as the GEMM's second output) and the
     packed SwiGLU into the int8 GEMM they alone feed. Must not fire: a norm output that another
-    node reads too, a SkipRMSNorm with a bias, an int4 GEMM."""
+    node reads too, a SkipRMSNorm with a bias, an int4 GEMM, a norm before a wide GEMM (N > 4K)."""
     import numpy as np
     import onnx_graphsurgeon as gs
 
@@ -221,7 +221,7 @@ def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
 
     f, k, n = np.float32, 8, 4
 
-    def woq(name, x, bits=8):
+    def woq(name, x, bits=8, n=n):
         y = gs.Variable(f"{name}_y", f, [1, 1, n])
         w = gs.Constant(f"{name}_w", np.ones((n, k) if bits == 8 else (n, k // 2), np.int8 if bits == 8 else np.uint8))
         s = gs.Constant(f"{name}_s", np.ones(n if bits == 8 else (n, 1), f))
@@ -234,7 +234,7 @@ def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
         g = gs.Constant("g", np.ones(k, f))
         xn, s, h = (gs.Variable(t, f, [1, 1, k]) for t in ("xn", "s", "h"))
         nodes, outs = [], []
-        if variant in ("rms", "shared", "int4"):
+        if variant in ("rms", "shared", "int4", "wide"):
             nodes.append(gs.Node("RMSNorm", "norm", {"epsilon": 1e-6}, [a, g], [xn], domain="mmc"))
         elif variant in ("skip", "skip_bias"):
             ins = [a, r, g] + ([gs.Constant("b", np.ones(k, f))] if variant == "skip_bias" else [])
@@ -242,7 +242,7 @@ def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
             outs.append(s)
         else:
             nodes.append(gs.Node("SwiGLU", "act", {"activation": "silu"}, [gu], [xn], domain="mmc"))
-        node, y = woq("gemm", xn, 4 if variant == "int4" else 8)
+        node, y = woq("gemm", xn, 4 if variant == "int4" else 8, 4 * k + 1 if variant == "wide" else n)
         nodes.append(node)
         outs.append(y)
         if variant == "shared":
@@ -258,7 +258,7 @@ def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
         assert [t.name for t in node.inputs[4:]] == {"rms": ["g"], "skip_rms": ["g", "r"], "swiglu": []}[kind]
         assert node.inputs[0].name == ("gu" if kind == "swiglu" else "a")
         assert [t.name for t in node.outputs] == (["gemm_y", "s"] if kind == "skip_rms" else ["gemm_y"])
-    for variant in ("shared", "skip_bias", "int4"):
+    for variant in ("shared", "skip_bias", "int4", "wide"):
         assert gemm_prologue(graph(variant)) == 0, variant
 
 
