@@ -19,6 +19,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, __file__.rsplit("/tools/", 1)[0])
+from tools.bench_kernels import _median_ms  # noqa: E402
+
 SHAPES = {  # name: (K, N, prologue)
     "3b qkv": (2048, 2560, "rms"), "3b o": (2048, 2048, ""), "3b gate_up": (2048, 22016, "skip_rms"),
     "3b down": (11008, 2048, "swiglu"), "3b lm_head": (2048, 151936, ""),
@@ -34,15 +37,7 @@ def timed(fns, runs: int = 20) -> float:
 
     graph, _ = capture(lambda: [f() for f in fns])
     graph.replay()
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2] / len(fns)
+    return _median_ms(graph.replay, runs) / len(fns)
 
 
 def main(argv=None) -> int:
