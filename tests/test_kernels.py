@@ -326,6 +326,25 @@ def test_gemv_with_prologue(dtype, codes, kind):
             close(eye, xin, dtype, ONE_ROUNDING[dtype])
 
 
+def test_gemv_default_tiles_long_k_int8_without_bias():
+    """The GEMV's own tile choice (no sweep tile) on an int8 shape with K over one 1/rms chunk
+    (NORM_BLOCK) and over one K-slice (split-K), no bias: the SkipRMSNorm kernel's output times the
+    dequantized codes, rounded once; s bit for bit."""
+    from mmc.plugins.linear import gemv, prologue
+
+    k, n = 2304, 40
+    assert k > gemv.NORM_BLOCK and k > gemv.config(n, k, True)["BLOCK_K"]
+    x, skip, gamma = rand(1, 1, k, dtype=torch.bfloat16), rand(1, 1, k, dtype=torch.bfloat16), rand(k) * 0.5 + 1
+    attrs = {"prologue": "skip_rms", "epsilon": 1e-6}
+    xin, s_want = prologue.apply(x, [gamma.to(torch.bfloat16), skip], attrs, "triton_kernel")
+    w = torch.randint(-127, 128, (n, k), generator=GEN, dtype=torch.int8).to(DEV)
+    scale = (torch.rand(n, generator=GEN) * 0.01 + 0.001).to(DEV)
+    y, s = gemv.gemv(x, w, scale=scale, prologue="skip_rms", gamma=gamma.to(torch.bfloat16), skip=skip)
+    want = xin.reshape(-1).double() @ (w.double() * scale.double()[:, None]).T
+    close(y.reshape(-1), want, torch.bfloat16, ONE_ROUNDING[torch.bfloat16])
+    assert torch.equal(s, s_want)
+
+
 def test_weight_only_matmul_prologue_faces_agree():
     """mmc.WeightOnlyMatMul with a folded SkipRMSNorm: the one-row GEMV, the many-row path (the
     norm kernel, then the weight-only kernel) and the torch reference give the numpy reference's

@@ -44,6 +44,7 @@ def normed(xf, r, w, dt: tl.constexpr):
     points (xf float32, r the row's 1/rms; also the GEMV's rms prologue)."""
     return to(to(xf * r, dt).to(tl.float32) * to(w, dt).to(tl.float32), dt)
 
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, skip: torch.Tensor | None = None,
              bias: torch.Tensor | None = None, out=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [..., H] (skip the same shape) -> (y [..., H], s = x + skip (+ bias), or None without skip);
