@@ -10,6 +10,8 @@
                   place "device": data ops (torch / cuBLAS / the plugins' kernels), the part a
                                   CUDA graph captures
                   free:           values whose last reader is this step (liveness)
+                attrs may carry what the plan compiler knows about constant inputs: a Gather of
+                one constant index has "_index" (the runtime selects a view: no kernel)
       constants name -> {dtype, shape, place}; the data is in the component's safetensors
       rewrites  what compiler/plan_rewrites.py did: weight_only (GEMMs turned into
                 mmc.WeightOnlyMatMul), linear (float GEMMs, with their bias, turned into
@@ -110,6 +112,8 @@ def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tupl
         attrs = {k: _attr(v) for k, v in node.attrs.items()}
         if node.op == "Split" and not node.domain:
             attrs["_outputs"] = len(node.outputs)
+        if node.op == "Gather" and not node.domain and _scalar_constant(node.inputs[1]):
+            attrs["_index"] = int(np.asarray(node.inputs[1].values))  # (M-RoPE's section picks)
         steps.append({"op": node.op, "domain": node.domain or "", "name": node.name, "inputs": ins,
                       "outputs": [o.name for o in node.outputs], "attrs": attrs, "place": where})
     _liveness(steps, {t.name for t in graph.outputs}, set(constants))
@@ -136,6 +140,10 @@ def build_plan(graph: gs.Graph, component: str, precision: str = "bf16") -> tupl
         "rewrites": rewrites,
     }
     return plan, constants
+
+
+def _scalar_constant(t) -> bool:
+    return isinstance(t, gs.Constant) and np.asarray(t.values).ndim == 0
 
 
 def _host_arg(step: dict, name: str) -> bool:

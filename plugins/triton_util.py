@@ -11,6 +11,9 @@ imported only when a kernel is used: the CPU runtime and the compiler do not nee
   the interpreter truncates such casts, and on the GPU a `.to(bf16).to(float32)` round trip
   did not round), so a kernel's rounding points give torch's bits on the GPU and under the
   interpreter.
+`pdl` / `inputs_ready`: programmatic dependent launch (Hopper and newer): a decode-path kernel
+is launched while the kernel before it still runs, loads what no kernel writes (weights) first,
+then waits in `inputs_ready` for the kernel before it to finish and lets the next kernel launch.
 `output` gives a kernel the memory the executor planned for its result, where it plans one.
 `tile_counters` is the zeroed int32 buffer that kernels whose last program to finish does the
 final step (split-K fixup, split-KV merge) count in on; `split_sum` is the split-K fixup itself.
@@ -23,8 +26,10 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+PDL_MIN_CAPABILITY = 9  # griddepcontrol: sm_90 and newer
 
 
 def output(out, i: int, shape, dtype, device):
@@ -35,6 +40,46 @@ def output(out, i: int, shape, dtype, device):
     if out is not None and i < len(out) and out[i] is not None:
         return out[i].view(shape)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+_PDL: dict = {}
+# early launch of the next kernel only for grids of at most this many programs per SM (about one
+# wave): on the H100 it saved ~1 us per small decode GEMV, and cost 1-3 us on the multi-wave ones
+# (gate_up, down) and 38 us on the lm_head GEMV (tools/sweep_gemv.py, docs/benchmarks.md)
+PDL_EARLY_PER_SM = 8
+
+
+def pdl(device, programs: int = 0) -> dict:
+    """The launch arguments of a kernel that calls `inputs_ready`: on a GPU with programmatic
+    dependent launch (compute capability 9.0+; MMC_PDL=0 turns it off) {"PDL": 2, launch_pdl}
+    (the next kernel may launch once every program has passed `inputs_ready`) or, for a grid of
+    more than PDL_EARLY_PER_SM programs per SM, {"PDL": 1, launch_pdl} (the next kernel launches
+    when this one's programs have finished); else {"PDL": 0} (older GPUs, the interpreter)."""
+    if device.type != "cuda" or INTERPRET:
+        return {"PDL": 0}
+    if device not in _PDL:
+        import torch
+
+        on = (torch.cuda.get_device_capability(device)[0] >= PDL_MIN_CAPABILITY
+              and os.environ.get("MMC_PDL", "1") != "0")
+        _PDL[device] = PDL_EARLY_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count if on else 0
+    if not _PDL[device]:
+        return {"PDL": 0}
+    return {"PDL": 2 if programs <= _PDL[device] else 1, "launch_pdl": True}
+
+
+@triton.jit
+def inputs_ready(PDL: tl.constexpr):
+    """Where a kernel launched with `pdl` starts reading what earlier kernels wrote: wait until
+    the kernel before it has finished (its writes visible), then (PDL 2) let the next kernel
+    launch (it runs up to its own `inputs_ready` meanwhile: loads of weights, nothing an earlier
+    kernel writes). Every program must pass here before it reads an activation or writes
+    anything, so a kernel finishes only after the one before it, and a kernel launched early
+    finds every kernel but its predecessor finished."""
+    if PDL >= 1:
+        gdc_wait()
+    if PDL == 2:
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -167,6 +167,30 @@ def test_float_gemms_become_linear_with_their_bias(cuda_fp32):
 
 
 
+def test_constant_index_gathers_are_views(cuda_fp32):
+    """A Gather of one constant index (M-RoPE picks its sections so, six per decode step) carries
+    the index in the plan and runs as a view of its input: no kernel, the values of the general
+    Gather (negative indices too)."""
+    import numpy as np
+    import torch
+
+    from mmc.runtime.cuda.onnx_ops import OPS
+
+    plan = _plan(cuda_fp32)
+    picks = [s for s in plan["steps"] if s["op"] == "Gather" and "_index" in s["attrs"]]
+    assert len(picks) >= 6 and all(plan["constants"][s["inputs"][1]]["shape"] == [] for s in picks)
+    others = [s for s in plan["steps"] if s["op"] == "Gather" and "_index" not in s["attrs"]]
+    assert all(plan["constants"].get(s["inputs"][1], {"shape": [1]})["shape"] != [] for s in others)
+    x = torch.randn(3, 4, 5)
+    for axis in (0, 1, -1):
+        for i in (0, 2, -1):
+            idx = torch.tensor(i)
+            (want,) = OPS["Gather"]([x, idx], {"axis": axis})
+            (got,) = OPS["Gather"]([x, idx], {"axis": axis, "_index": i})
+            assert got.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
 def test_rotary_folds_into_the_decoder_attentions(cuda_fp32):
     """rope-attention: each decoder attention takes the tables (inputs 8, 9) instead of rotated
     q/k, so no RotaryEmbedding step is left there; the vision tower's rotary (layout snd, read

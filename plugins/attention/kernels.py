@@ -28,7 +28,7 @@ import triton.language as tl
 from mmc.quantization import next_pow2
 
 from ..rotary.kernels import rotate_rows
-from ..triton_util import dot, output, to
+from ..triton_util import dot, inputs_ready, output, pdl, to
 
 NO_MASK, ADD_MASK, BOOL_MASK = 0, 1, 2
 DECODE_SPLITS = 64   # target number of splits per (batch, kv head) over the static cache
@@ -126,7 +126,8 @@ def _decode_kernel(q_ptr, kn_ptr, vn_ptr, cs_ptr, sn_ptr, k_ptr, v_ptr, mask_ptr
                    heads, kv_heads, group, head_dim, rot_dim, scale, chunk, splits,
                    sqb, sqn, sknb, sknn, svnb, svnn, scb, skb, skn, skt, smb, smn, smt,
                    MASK: tl.constexpr, QUANT: tl.constexpr, NEW: tl.constexpr, ROPE: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    inputs_ready(PDL)
     bk = tl.program_id(0)
     split = tl.program_id(1)
     b = (bk // kv_heads).to(tl.int64)
@@ -240,5 +241,5 @@ def decode_attention(q, kbuf, vbuf, mask, pos, scale: float, k_scale=None, v_sca
         cs.stride(0) if rope and cs.shape[0] > 1 else 0,
         kbuf.stride(0), kbuf.stride(1), kbuf.stride(2), sm[0], sm[1], sm[3],
         MASK=kind, QUANT=quant, NEW=new, ROPE=rope, BLOCK_G=next_pow2(group, 16), BLOCK_N=block_n,
-        BLOCK_D=next_pow2(d, 16), num_warps=4)
+        BLOCK_D=next_pow2(d, 16), num_warps=4, **pdl(q.device, bsz * kv_heads * splits))
     return y

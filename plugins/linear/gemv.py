@@ -12,7 +12,8 @@ made the GEMM's input, runs inside the GEMV as its prologue instead of as a kern
 A batch-1 decode GEMV is memory-bound and, at these sizes, latency-bound: each program loads one
 BLOCK_K × BLOCK_N tile of W (every load issued before any math), multiplies it by P(x)'s K-slice
 in float32 (products of bf16/fp16 values are exact in float32, as the tensor cores form them) and
-reduces over K; the K / BLOCK_K programs of a column tile meet in the split-K fixup
+reduces over K (on Hopper the kernel is launched while the kernel before it still runs, and its
+W tile is in flight before it waits for its input: triton_util.pdl); the K / BLOCK_K programs of a column tile meet in the split-K fixup
 (triton_util.split_sum: the last to finish sums the partials in split order, adds the bias,
 rounds once and stores). The rms prologues need the row's 1/rms over all of K first: every
 program computes it from x (K values from L2), and the program of column tile 0, split 0 writes
@@ -35,10 +36,10 @@ import triton.language as tl
 
 from ..norms.kernels import normed
 from ..swiglu.kernels import ACTS, gated
-from ..triton_util import output, split_sum, tile_counters, to
+from ..triton_util import inputs_ready, output, pdl, split_sum, tile_counters, to
 
 PROLOGUES = {"": 0, "rms": 1, "skip_rms": 2, "swiglu": 3}
-FLOAT = {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8}  # W [K, N]: rows of N contiguous
+FLOAT = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4}  # W [K, N]: rows of N contiguous
 CODES = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8}  # codes [N, K]: rows of K contiguous
 NORM_BLOCK = 1024
 
@@ -64,7 +65,7 @@ def _input(x_ptr, skip_ptr, g_ptr, rk, km, K, r, PRO: tl.constexpr, ACT: tl.cons
 def _gemv_kernel(x_ptr, skip_ptr, g_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sum_ptr, part_ptr, count_ptr,
                  N, K, swk, swn, n_splits, eps, PRO: tl.constexpr, ACT: tl.constexpr, QUANT: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NORM: tl.constexpr):
+                 NORM: tl.constexpr, PDL: tl.constexpr):
     tile_n, split = tl.program_id(0), tl.program_id(1)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = rn < N
@@ -72,6 +73,7 @@ def _gemv_kernel(x_ptr, skip_ptr, g_ptr, w_ptr, s_ptr, b_ptr, y_ptr, sum_ptr, pa
     km = rk < K
     w = tl.load(w_ptr + rk[:, None].to(tl.int64) * swk + rn[None, :].to(tl.int64) * swn,  # before any math
                 mask=km[:, None] & nm[None, :], other=0.0)
+    inputs_ready(PDL)  # launched early (triton_util.pdl): W loads while the kernel before finishes
     r = 0.0
     if PRO == 1 or PRO == 2:  # the row's 1/rms over all of K (and s, written once)
         dt = x_ptr.dtype.element_ty
@@ -146,6 +148,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None,
         scale if codes else xr, bias if bias is not None else xr, y, s if s is not None else y, part, counters,
         n, k, swk, swn, splits, float(epsilon), PRO=PROLOGUES[prologue], ACT=ACTS[activation],
         QUANT=codes, HAS_BIAS=bias is not None, SPLIT=splits > 1, NORM=min(NORM_BLOCK, triton.next_power_of_2(k)),
-        **cfg)
+        **cfg, **pdl(x.device, tiles * splits))
     lead = x.shape[:-1]
     return y.view(*lead, n), (s.view(*lead, k) if s is not None else None)

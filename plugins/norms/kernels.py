@@ -17,15 +17,17 @@ import triton.language as tl
 
 from mmc.quantization import next_pow2
 
-from ..triton_util import output, to
+from ..triton_util import inputs_ready, output, pdl, to
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, skip_ptr, bias_ptr, w_ptr, y_ptr, sum_ptr, n_cols, eps,
-                     HAS_SKIP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_SKIP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=m, other=0.0)
+    inputs_ready(PDL)
     x = tl.load(x_ptr + row * n_cols + cols, mask=m, other=0.0)
     dt = x.dtype
     xf = x.to(tl.float32)  # arithmetic in float32, rounded to dt where torch rounds
@@ -35,7 +37,7 @@ def _rms_norm_kernel(x_ptr, skip_ptr, bias_ptr, w_ptr, y_ptr, sum_ptr, n_cols, e
             xf = to(xf + to(tl.load(bias_ptr + cols, mask=m, other=0.0), dt).to(tl.float32), dt).to(tl.float32)
         tl.store(sum_ptr + row * n_cols + cols, to(xf, dt), mask=m)
     r = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    tl.store(y_ptr + row * n_cols + cols, normed(xf, r, tl.load(w_ptr + cols, mask=m, other=0.0), dt), mask=m)
+    tl.store(y_ptr + row * n_cols + cols, normed(xf, r, w, dt), mask=m)
 
 
 @triton.jit
@@ -59,5 +61,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, skip: torch.Tens
     _rms_norm_kernel[(x2.shape[0],)](
         x2, skip if skip is not None else x2, bias if bias is not None else weight, weight, y,
         s if s is not None else y, h, float(eps), HAS_SKIP=skip is not None, HAS_BIAS=bias is not None,
-        BLOCK=next_pow2(h, 1), num_warps=8 if h >= 2048 else 4)
+        BLOCK=next_pow2(h, 1), num_warps=8 if h >= 2048 else 4, **pdl(x.device, x2.shape[0]))
     return y.view(x.shape), (s.view(x.shape) if s is not None else None)

@@ -13,13 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_util import output, to
+from ..triton_util import inputs_ready, output, pdl, to
 
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 
 @triton.jit
-def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n_cols, g_row_stride, u_row_stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_kernel(g_ptr, u_ptr, y_ptr, n_cols, g_row_stride, u_row_stride, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    inputs_ready(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < n_cols
@@ -57,5 +59,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, activation: str =
     rows = g.shape[0]
     y = output(out, 0, (rows, width), gate.dtype, gate.device)
     block = min(1024, triton.next_power_of_2(width))
-    _swiglu_kernel[(rows, triton.cdiv(width, block))](g, u, y, width, gs_, us, ACT=ACTS[activation], BLOCK=block)
+    _swiglu_kernel[(rows, triton.cdiv(width, block))](g, u, y, width, gs_, us, ACT=ACTS[activation], BLOCK=block,
+                                                      **pdl(gate.device, rows * triton.cdiv(width, block)))
     return y.view(*lead, width)

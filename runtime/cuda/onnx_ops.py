@@ -80,6 +80,8 @@ def _concat(ins, attrs):
 def _gather(ins, attrs):
     x, idx = ins
     axis = _axis(attrs.get("axis", 0), x.dim())
+    if "_index" in attrs:  # one constant index (compiler/plan.py): a view, no kernel
+        return [x.select(axis, attrs["_index"])]
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     out = torch.index_select(x, axis, idx.reshape(-1))
     return [out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])]
