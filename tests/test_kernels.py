@@ -326,6 +326,26 @@ def test_gemv_with_prologue(dtype, codes, kind):
             close(eye, xin, dtype, ONE_ROUNDING[dtype])
 
 
+def test_gemv_default_tile_with_a_norm_takes_all_of_k():
+    """int8 codes with an rms prologue and K <= NORM_WHOLE_K: the default tile takes the whole
+    row (no split-K, 8 columns per program) and gives the norm-then-GEMM result; K not a power of
+    two, N not a multiple of 8."""
+    from mmc.plugins import triton_util as tu
+    from mmc.plugins.linear import gemv, prologue
+
+    k, n = 1000, 36
+    cfg = gemv.config(n, k, True, prologue="rms")
+    assert cfg["BLOCK_K"] >= k and cfg["BLOCK_N"] == 8 and gemv.config(n, k, True)["BLOCK_K"] < k
+    x, gamma = rand(1, k, dtype=torch.bfloat16), rand(k, dtype=torch.bfloat16) * 0.5 + 1
+    w = torch.randint(-127, 128, (n, k), generator=GEN, dtype=torch.int8).to(DEV)
+    scale = (torch.rand(n, generator=GEN) * 0.01 + 0.001).to(DEV)
+    xin, _ = prologue.apply(x, [gamma], {"prologue": "rms", "epsilon": 1e-6}, "triton_kernel")
+    y, _ = gemv.gemv(x, w, scale=scale, prologue="rms", gamma=gamma)
+    want = xin.reshape(-1).double() @ (w.double() * scale.double()[:, None]).T
+    close(y.reshape(-1), want, torch.bfloat16, ONE_ROUNDING[torch.bfloat16])
+    assert not any(int(c.abs().sum()) for c in tu._COUNTERS.values())
+
+
 def test_gemv_default_tiles_long_k_int8_without_bias():
     """The GEMV's own tile choice (no sweep tile) on an int8 shape with K over one 1/rms chunk
     (NORM_BLOCK) and over one K-slice (split-K), no bias: the SkipRMSNorm kernel's output times the

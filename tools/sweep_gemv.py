@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="the defaults only, no sweep")
     ap.add_argument("--only", default="", help="shapes whose name starts with this (e.g. '3b')")
+    ap.add_argument("--with-prologue", action="store_true",
+                    help="sweep the tiles with the prologue (best_ms / best_tile are then with it)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gemv: needs a CUDA GPU", file=sys.stderr)
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     float_tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
                    for bn, bk, nw in itertools.product((32, 64, 128, 256), (32, 64, 128, 256), (4, 8))]
     code_tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
-                  for bn, bk, nw in itertools.product((8, 16, 32, 64), (128, 256, 512, 1024), (4, 8))]
+                  for bn, bk, nw in itertools.product((8, 16, 32, 64, 128), (128, 256, 512, 1024, 2048), (4, 8))]
     for name, (k, n, pro) in SHAPES.items():
         if not name.startswith(args.only):
             continue
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
             if not args.quick:
                 for tile in (code_tiles if codes else float_tiles):
                     try:
-                        t = timed(ours(dict(tile), prologue=False), runs=10)
+                        t = timed(ours(dict(tile), prologue=args.with_prologue), runs=10)
                     except Exception as e:  # noqa: BLE001  (a tile that does not compile)
                         print(f"  {name} {tile}: {type(e).__name__}", flush=True)
                         continue

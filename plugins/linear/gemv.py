@@ -113,13 +113,22 @@ def applies(x: torch.Tensor, bits: int = 0) -> bool:
     return x.numel() == x.shape[-1] and bits in (0, 8) and (x.is_cuda or bool(INTERPRET))
 
 
-def config(n: int, k: int, codes: bool, tile: dict | None = None) -> dict:
-    """Tile: `tile` (a sweep's candidate), FLOAT, or for codes a rule fitted to the H100 sweep
+NORM_CODES = {"BLOCK_N": 8, "num_warps": 4}  # codes with an rms prologue, K <= NORM_WHOLE_K
+NORM_WHOLE_K = 2048
+
+
+def config(n: int, k: int, codes: bool, tile: dict | None = None, prologue: str = "") -> dict:
+    """Tile: `tile` (a sweep's candidate), FLOAT, or for codes a rule fitted to the H100 sweeps
     (longer K-slices for long K, wider column tiles for wide N; within ~0.3 us of the best tile
-    without a prologue, ~0.5 us off on qkv with one); K is split into K / BLOCK_K programs per
+    without a prologue, ~0.5 us off on qkv with one). With an rms prologue and K <= NORM_WHOLE_K
+    each program takes all of K on 8 columns (NORM_CODES): the row's 1/rms is computed by 4x
+    fewer programs and nothing is split (3B qkv with its norm: 6.9 -> 4.1 us, the best of 50
+    tiles; `tools/sweep_gemv.py --with-prologue`). K is split into K / BLOCK_K programs per
     column tile."""
     if tile or not codes:
         return dict(tile or FLOAT)
+    if prologue in ("rms", "skip_rms") and k <= NORM_WHOLE_K:
+        return dict(NORM_CODES, BLOCK_K=triton.next_power_of_2(k))
     return dict(CODES, BLOCK_K=1024 if k >= 8192 else 512, BLOCK_N=32 if n >= 8192 else 16)
 
 
@@ -133,7 +142,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None,
     n, k = (w.shape[0], w.shape[1]) if codes else (w.shape[1], w.shape[0])
     swk, swn = (1, k) if codes else (n, 1)
     xr = x.reshape(-1).contiguous()
-    cfg = config(n, k, codes, tile)
+    cfg = config(n, k, codes, tile, prologue)
     splits = triton.cdiv(k, cfg["BLOCK_K"])
     y = output(out, 0, (n,), x.dtype, x.device)
     s = None
