@@ -50,22 +50,33 @@ PDL_EARLY_PER_SM = 8
 
 
 def pdl(device, programs: int = 0) -> dict:
-    """The launch arguments of a kernel that calls `inputs_ready`: on a GPU with programmatic
-    dependent launch (compute capability 9.0+; MMC_PDL=0 turns it off) {"PDL": 2, launch_pdl}
-    (the next kernel may launch once every program has passed `inputs_ready`) or, for a grid of
-    more than PDL_EARLY_PER_SM programs per SM, {"PDL": 1, launch_pdl} (the next kernel launches
-    when this one's programs have finished); else {"PDL": 0} (older GPUs, the interpreter)."""
+    """The launch arguments of a kernel that calls `inputs_ready`, for a grid of `programs`
+    programs on `device` (`launch_mode`); {"PDL": 0} on the CPU and under the interpreter."""
     if device.type != "cuda" or INTERPRET:
         return {"PDL": 0}
     if device not in _PDL:
         import torch
 
-        on = (torch.cuda.get_device_capability(device)[0] >= PDL_MIN_CAPABILITY
-              and os.environ.get("MMC_PDL", "1") != "0")
-        _PDL[device] = PDL_EARLY_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count if on else 0
-    if not _PDL[device]:
+        _PDL[device] = early_limit(torch.cuda.get_device_capability(device),
+                                   torch.cuda.get_device_properties(device).multi_processor_count,
+                                   os.environ.get("MMC_PDL", "1"))
+    return launch_mode(_PDL[device], programs)
+
+
+def early_limit(capability: tuple, sms: int, setting: str = "1") -> int:
+    """The most programs a grid may have and still let the next kernel launch early: about one
+    wave (PDL_EARLY_PER_SM per SM); 0 where programmatic dependent launch is off (compute
+    capability below 9.0, or MMC_PDL=0)."""
+    return PDL_EARLY_PER_SM * sms if capability[0] >= PDL_MIN_CAPABILITY and setting != "0" else 0
+
+
+def launch_mode(limit: int, programs: int) -> dict:
+    """{"PDL": 2, launch_pdl} (wait for the kernel before, let the next one launch once every
+    program has passed `inputs_ready`) for a grid within `limit`; {"PDL": 1, launch_pdl} (wait;
+    the next kernel launches when this one finishes) for a larger one; {"PDL": 0} if limit is 0."""
+    if not limit:
         return {"PDL": 0}
-    return {"PDL": 2 if programs <= _PDL[device] else 1, "launch_pdl": True}
+    return {"PDL": 2 if programs <= limit else 1, "launch_pdl": True}
 
 
 @triton.jit

@@ -61,6 +61,22 @@ def test_rounding_point_cast(dtype):
     assert torch.equal(y[:-3], want[:-3])
 
 
+def test_programmatic_dependent_launch_policy():
+    """Which launch a decode-path kernel gets: on Hopper and newer (not with MMC_PDL=0) a grid of
+    at most about one wave lets the next kernel launch early (PDL 2), a larger grid only waits
+    (PDL 1); older GPUs, the CPU and the interpreter launch plainly (PDL 0). On an H100 the GPU
+    tests run every kernel so."""
+    from mmc.plugins import triton_util as tu
+
+    limit = tu.early_limit((9, 0), 132)
+    assert limit == tu.PDL_EARLY_PER_SM * 132
+    assert tu.early_limit((9, 0), 132, "0") == 0 and tu.early_limit((8, 9), 132) == 0
+    assert tu.launch_mode(limit, 640) == {"PDL": 2, "launch_pdl": True}
+    assert tu.launch_mode(limit, limit + 1) == {"PDL": 1, "launch_pdl": True}
+    assert tu.launch_mode(0, 640) == {"PDL": 0}
+    assert tu.pdl(torch.device("cpu"), 640) == {"PDL": 0}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("skip,bias", [(False, False), (True, False), (True, True)])
 def test_rms_norm(dtype, skip, bias):
