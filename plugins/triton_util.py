@@ -22,6 +22,7 @@ final step (split-K fixup, split-KV merge) count in on; `split_sum` is the split
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import triton
@@ -49,10 +50,27 @@ _PDL: dict = {}
 PDL_EARLY_PER_SM = 8
 
 
+_NO_PDL = [0]  # depth of `no_pdl` blocks
+
+
+@contextlib.contextmanager
+def no_pdl():
+    """Kernels launched inside launch plainly: for callers whose kernels' constant inputs
+    (weights) may be written by the kernel just before (TensorRT's plugin enqueue). The
+    executor's weights are written once, at load."""
+    _NO_PDL[0] += 1
+    try:
+        yield
+    finally:
+        _NO_PDL[0] -= 1
+
+
 def pdl(device, programs: int = 0) -> dict:
     """The launch arguments of a kernel that calls `inputs_ready`, for a grid of `programs`
-    programs on `device` (`launch_mode`); {"PDL": 0} on the CPU and under the interpreter."""
-    if device.type != "cuda" or INTERPRET:
+    programs on `device` (`launch_mode`); {"PDL": 0} on the CPU, under the interpreter and
+    inside `no_pdl`. Every call of the four decode-path kernels (prefill and vision included)
+    takes it: what they read before `inputs_ready` must be written before the kernel before them."""
+    if device.type != "cuda" or INTERPRET or _NO_PDL[0]:
         return {"PDL": 0}
     if device not in _PDL:
         import torch

@@ -122,8 +122,8 @@ def config(n: int, k: int, codes: bool, tile: dict | None = None, prologue: str 
     (longer K-slices for long K, wider column tiles for wide N; within ~0.3 us of the best tile
     without a prologue, ~0.5 us off on qkv with one). With an rms prologue and K <= NORM_WHOLE_K
     each program takes all of K on 8 columns (NORM_CODES): the row's 1/rms is computed by 4x
-    fewer programs and nothing is split (3B qkv with its norm: 6.9 -> 4.1 us, the best of 50
-    tiles; `tools/sweep_gemv.py --with-prologue`). K is split into K / BLOCK_K programs per
+    fewer programs and nothing is split (3B qkv with its norm: 6.9 -> 4.4 us; the best of 50
+    tiles, 4.1 us, was this shape: `tools/sweep_gemv.py --with-prologue`). K is split into K / BLOCK_K programs per
     column tile."""
     if tile or not codes:
         return dict(tile or FLOAT)
