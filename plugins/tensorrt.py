@@ -29,6 +29,8 @@ the module's plugin registry (the builder and a runtime both need it).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 NAMESPACE = "mmc"
@@ -246,14 +248,13 @@ def run_plugin(op: str, attrs: dict, inputs: list, outputs: list) -> None:
     for i, t in zip(present, inputs):
         full[i] = t
     op_attrs = {k: v for k, v in attrs.items() if k not in LOWERING_FIELDS}
-    kernel = op_kernel(OPS[op], inputs[0].is_cuda)
+    launch = contextlib.nullcontext()
     if inputs[0].is_cuda:  # TensorRT's kernel before may write what the plugin reads as a weight
         from mmc.plugins.triton_util import no_pdl
 
-        with no_pdl():
-            results = kernel(full, op_attrs)
-    else:
-        results = kernel(full, op_attrs)
+        launch = no_pdl()
+    with launch:
+        results = op_kernel(OPS[op], inputs[0].is_cuda)(full, op_attrs)
     for dst, src in zip(outputs, results):
         dst.copy_(src.reshape(dst.shape))
 

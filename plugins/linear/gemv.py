@@ -13,9 +13,9 @@ A batch-1 decode GEMV is memory-bound and, at these sizes, latency-bound: each p
 BLOCK_K × BLOCK_N tile of W (every load issued before any math), multiplies it by P(x)'s K-slice
 in float32 (products of bf16/fp16 values are exact in float32, as the tensor cores form them) and
 reduces over K (on Hopper the kernel is launched while the kernel before it still runs, and its
-W tile is in flight before it waits for its input: triton_util.pdl); the K / BLOCK_K programs of a column tile meet in the split-K fixup
-(triton_util.split_sum: the last to finish sums the partials in split order, adds the bias,
-rounds once and stores). The rms prologues need the row's 1/rms over all of K first: every
+W tile is in flight before it waits for its input: triton_util.pdl); the K / BLOCK_K programs of
+a column tile meet in the split-K fixup (triton_util.split_sum: the last to finish sums the
+partials in split order, adds the bias, rounds once and stores). The rms prologues need the row's 1/rms over all of K first: every
 program computes it from x (K values from L2), and the program of column tile 0, split 0 writes
 s. P(x)'s K-slice (and gamma's, skip's) come from L2.
 
@@ -123,8 +123,8 @@ def config(n: int, k: int, codes: bool, tile: dict | None = None, prologue: str 
     without a prologue, ~0.5 us off on qkv with one). With an rms prologue and K <= NORM_WHOLE_K
     each program takes all of K on 8 columns (NORM_CODES): the row's 1/rms is computed by 4x
     fewer programs and nothing is split (3B qkv with its norm: 6.9 -> 4.4 us; the best of 50
-    tiles, 4.1 us, was this shape: `tools/sweep_gemv.py --with-prologue`). K is split into K / BLOCK_K programs per
-    column tile."""
+    tiles, 4.1 us, was this shape: `tools/sweep_gemv.py --with-prologue`). K is split into
+    K / BLOCK_K programs per column tile."""
     if tile or not codes:
         return dict(tile or FLOAT)
     if prologue in ("rms", "skip_rms") and k <= NORM_WHOLE_K:
