@@ -15,23 +15,25 @@ target never sees them.
                     computes the vocabulary projection for one position instead of S
                     (151,936 × hidden MACs per position for Qwen2.5-VL).
     linear          y = MatMul(x, @W [K, N]) (+ @b [N], the MatMul's only reader)
-                      ->  y = mmc.Linear(x, @W (, @b))   (plugins/linear: one cuBLAS call, the
-                    bias added in float32 in its epilogue before the one rounding, as nn.Linear
-                    does; one kernel instead of two where there is a bias)
+                      ->  y = mmc.Linear(x, @Wᵀ (, @b))   (plugins/linear: W stored [N, K] as
+                    nn.Linear does; one row runs the Triton GEMV, more rows one cuBLAS call; the
+                    bias added in float32 before the one rounding, as nn.Linear does; one kernel
+                    instead of two where there is a bias)
     rope-attention  q' = RotaryEmbedding(q, cos, sin); k' = RotaryEmbedding(k, cos, sin)   (layout bnsd,
                     one rotary_dim, the same tables; each read only by) y = mmc.Attention(q', k', v, ...)
                       ->  y = mmc.Attention(q, k, v, ..., cos, sin; rotary_dim)   (plugins/attention's
                     fused-RoPE form: a decode step's rotary, cache write and attention are one
                     kernel; prefill runs the rotary kernels, then flash attention)
     gemm-prologue   x' = RMSNorm(x, @g) | SkipRMSNorm(x, skip, @g) (no bias) | SwiGLU(gate_up), x' read
-                    only by  y = mmc.WeightOnlyMatMul(x', @w, @s (, @b))  with int8 codes (a norm
-                    only where N <= NORM_FOLD_MAX_N_PER_K · K)
-                      ->  y (, s) = mmc.WeightOnlyMatMul(x, @w, @s, @b | "", @g (, skip); prologue)
+                    only by  y = mmc.Linear(x', @w (, @b)) or mmc.WeightOnlyMatMul(x', @w, @s (, @b))
+                    with int8 codes (a norm only where N <= NORM_FOLD_MAX_N_PER_K · K, and into a
+                    float GEMM only where K <= NORM_FOLD_MAX_K)
+                      ->  y (, s) = mmc.Linear(x, @w, @b | "", @g (, skip); prologue)
+                          y (, s) = mmc.WeightOnlyMatMul(x, @w, @s, @b | "", @g (, skip); prologue)
                     (plugins/linear/prologue.py: a batch-1 decode step's GEMV computes the norm or
                     the gated activation on the fly, plugins/linear/gemv.py: one launch fewer per
-                    folded op; more rows run the op's own kernel first). Float GEMMs keep their
-                    norm: cuBLAS's GEMV beat the Triton GEMV on every bf16 decode shape
-                    (tools/sweep_gemv.py, docs/benchmarks.md).
+                    folded op; more rows run the op's own kernel first; tools/sweep_gemv.py and
+                    docs/benchmarks.md for the rules' figures).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def linear(graph: gs.Graph) -> int:
         x, w = node.inputs
         if not isinstance(w, gs.Constant) or w.values.ndim != 2 or np.asarray(w.values).dtype.kind != "f":
             continue
-        _replace_gemm(graph, node, gs.Node("Linear", f"{node.name}_linear", {}, [x, w], domain="mmc"),
+        wt = gs.Constant(f"{w.name}_nk", np.ascontiguousarray(np.asarray(w.values).T))  # nn.Linear's [N, K]
+        _replace_gemm(graph, node, gs.Node("Linear", f"{node.name}_linear", {}, [x, wt], domain="mmc"),
                       w.values.shape[1])
         hits += 1
     if hits:
@@ -187,20 +190,25 @@ def _sole_rotary(graph: gs.Graph, t: gs.Tensor, reader: gs.Node) -> gs.Node | No
 # tools/sweep_gemv.py: the 3B gate_up [2048 -> 22016] int8 GEMV 20.8 us alone, 41.2 us with the
 # skip_rms prologue; qkv [2048 -> 2560] 6.4 / 7.7 us, where the norm kernel alone costs ~2).
 NORM_FOLD_MAX_N_PER_K = 4
+# ... and into float GEMMs only with K <= NORM_FOLD_MAX_K (the GEMV takes all of K per program): the 7B
+# qkv [3584 -> 4608] bf16 GEMV is 16.0 us alone, 20.3 with the rms prologue; the 3B [2048 -> 2560] 5.0
+# with it against 7.0 for the norm kernel + GEMV.
+NORM_FOLD_MAX_K = 2048
 # producer op -> (prologue, which of its inputs become the GEMM's prologue inputs, in prologue.py's order)
 PROLOGUE_OPS = {"RMSNorm": ("rms", (1,)), "SkipRMSNorm": ("skip_rms", (2, 1)), "SwiGLU": ("swiglu", ())}
 
 
 def gemm_prologue(graph: gs.Graph) -> int:
-    """Fold the norm / gated activation that alone feeds an int8 weight-only GEMM into it; returns
-    the count."""
-    from mmc.plugins.linear import WeightOnlyMatMul
+    """Fold the norm / gated activation that alone feeds a float or int8 weight-only GEMM into it;
+    returns the count."""
+    from mmc.plugins import OPS
 
     hits = 0
     for node in list(graph.nodes):
-        if node.op != "WeightOnlyMatMul" or node.domain != "mmc" or node.attrs.get("bits") != 8 \
-                or node.attrs.get("prologue"):
+        gemv = node.op == "Linear" or node.op == "WeightOnlyMatMul" and node.attrs.get("bits") == 8
+        if not gemv or node.domain != "mmc" or node.attrs.get("prologue"):
             continue
+        n, k = node.inputs[1].shape  # both keep W as [N, K]
         x = node.inputs[0]
         if len(x.inputs) != 1 or x in graph.outputs or len(x.outputs) != 1:
             continue
@@ -210,8 +218,8 @@ def gemm_prologue(graph: gs.Graph) -> int:
             kind = None  # a biased residual add: not a prologue form
         if kind == "swiglu" and len(p.inputs) != 1:
             kind = None  # gate and up as two tensors
-        if kind in ("rms", "skip_rms") and node.inputs[1].shape[0] > NORM_FOLD_MAX_N_PER_K * node.attrs["k"]:
-            kind = None  # a wide GEMM: the norm's own kernel is cheaper than recomputing it per program
+        if kind in ("rms", "skip_rms") and (n > NORM_FOLD_MAX_N_PER_K * k or node.op == "Linear" and k > NORM_FOLD_MAX_K):
+            kind = None  # the norm's own kernel is cheaper than recomputing 1/rms in every program
         if kind is None:
             continue
         extra = [p.inputs[i] for i in picks]
@@ -223,7 +231,7 @@ def gemm_prologue(graph: gs.Graph) -> int:
         p.inputs.clear()
         p.outputs.clear()
         node.inputs[0] = src
-        while len(node.inputs) < WeightOnlyMatMul.PROLOGUE_AT:
+        while len(node.inputs) < OPS[node.op].PROLOGUE_AT:
             node.inputs.append(gs.Variable.empty())
         node.inputs.extend(extra)
         node.attrs.update(attrs)

@@ -146,8 +146,9 @@ def test_prefill_projects_only_the_last_position(cuda_fp32):
 
 
 def test_float_gemms_become_linear_with_their_bias(cuda_fp32):
-    """Every float GEMM with a constant weight is an mmc.Linear, a constant bias taken into it (the
-    qkv projections); the tokens are checked by the tests above."""
+    """Every float GEMM with a constant weight is an mmc.Linear (W stored [N, K]), a constant bias
+    taken into it (the qkv projections), the norms and SwiGLUs that alone feed one folded in; the
+    tokens are checked by the tests above."""
     for comp in ("decoder", "vision"):
         plan = _plan(cuda_fp32, comp)
         consts = plan["constants"]
@@ -159,11 +160,16 @@ def test_float_gemms_become_linear_with_their_bias(cuda_fp32):
             if s["op"] == "Add" and any(i in made for i in s["inputs"]):
                 assert not any(i in consts and len(consts[i]["shape"]) == 1 for i in s["inputs"]), s["name"]
         for s in linears:
-            k, n = consts[s["inputs"][1]]["shape"]
-            if len(s["inputs"]) > 2:
+            n, k = consts[s["inputs"][1]]["shape"]  # nn.Linear's layout
+            if len(s["inputs"]) > 2 and s["inputs"][2]:
                 assert consts[s["inputs"][2]]["shape"] == [n]
-    biased = [s for s in _plan(cuda_fp32)["steps"] if s["op"] == "Linear" and len(s["inputs"]) == 3]
+    decoder = _plan(cuda_fp32)
+    biased = [s for s in decoder["steps"] if s["op"] == "Linear" and len(s["inputs"]) > 2 and s["inputs"][2]]
     assert len(biased) == 2  # the merged qkv projection of each of the 2 layers
+    # each layer's input norm, post-attention norm and SwiGLU run inside the GEMM they feed (gemm-prologue)
+    folded = [s["attrs"].get("prologue") for s in decoder["steps"] if s["op"] == "Linear"]
+    assert decoder["rewrites"]["gemm_prologue"] == 6
+    assert sorted(p for p in folded if p) == ["rms", "skip_rms", "skip_rms", "skip_rms", "swiglu", "swiglu"]
 
 
 
@@ -234,31 +240,36 @@ def test_rope_attention_needs_sole_readers_and_one_table():
     assert rope_attention(graph(False, False)) == 0
 
 
-def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
+def test_gemm_prologue_folds_sole_producers_into_gemms():
     """gemm-prologue folds RMSNorm, SkipRMSNorm (its sum kept as the GEMM's second output) and the
-    packed SwiGLU into the int8 GEMM they alone feed. Must not fire: a norm output that another
-    node reads too, a SkipRMSNorm with a bias, an int4 GEMM, a norm before a wide GEMM (N > 4K)."""
+    packed SwiGLU into the int8 or float GEMM they alone feed (after a float GEMM's bias). Must not
+    fire: a norm output that another node reads too, a SkipRMSNorm with a bias, an int4 GEMM, a
+    norm before a wide GEMM (N > 4K), a norm before a float GEMM with K > NORM_FOLD_MAX_K."""
     import numpy as np
     import onnx_graphsurgeon as gs
 
-    from mmc.plan_rewrites import gemm_prologue
+    from mmc.plan_rewrites import NORM_FOLD_MAX_K, gemm_prologue
 
-    f, k, n = np.float32, 8, 4
+    f, n = np.float32, 4
 
-    def woq(name, x, bits=8, n=n):
+    def gemm(name, x, k, bits=8, n=n):
         y = gs.Variable(f"{name}_y", f, [1, 1, n])
+        if bits == 0:  # mmc.Linear with a bias
+            ins = [x, gs.Constant(f"{name}_w", np.ones((n, k), f)), gs.Constant(f"{name}_b", np.ones(n, f))]
+            return gs.Node("Linear", name, {}, ins, [y], domain="mmc"), y
         w = gs.Constant(f"{name}_w", np.ones((n, k) if bits == 8 else (n, k // 2), np.int8 if bits == 8 else np.uint8))
         s = gs.Constant(f"{name}_s", np.ones(n if bits == 8 else (n, 1), f))
         attrs = {"bits": bits, "k": k} | ({} if bits == 8 else {"group_size": k})
         return gs.Node("WeightOnlyMatMul", name, attrs, [x, w, s], [y], domain="mmc"), y
 
     def graph(variant):
+        k = NORM_FOLD_MAX_K + 2 if variant == "float_long_k" else 8
         a, r = gs.Variable("a", f, [1, 1, k]), gs.Variable("r", f, [1, 1, k])
         gu = gs.Variable("gu", f, [1, 1, 2 * k])
         g = gs.Constant("g", np.ones(k, f))
         xn, s, h = (gs.Variable(t, f, [1, 1, k]) for t in ("xn", "s", "h"))
         nodes, outs = [], []
-        if variant in ("rms", "shared", "int4", "wide"):
+        if variant in ("rms", "shared", "int4", "wide", "float", "float_long_k"):
             nodes.append(gs.Node("RMSNorm", "norm", {"epsilon": 1e-6}, [a, g], [xn], domain="mmc"))
         elif variant in ("skip", "skip_bias"):
             ins = [a, r, g] + ([gs.Constant("b", np.ones(k, f))] if variant == "skip_bias" else [])
@@ -266,7 +277,8 @@ def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
             outs.append(s)
         else:
             nodes.append(gs.Node("SwiGLU", "act", {"activation": "silu"}, [gu], [xn], domain="mmc"))
-        node, y = woq("gemm", xn, 4 if variant == "int4" else 8, 4 * k + 1 if variant == "wide" else n)
+        bits = 4 if variant == "int4" else 0 if variant.startswith("float") else 8
+        node, y = gemm("gemm", xn, k, bits, 4 * k + 1 if variant == "wide" else n)
         nodes.append(node)
         outs.append(y)
         if variant == "shared":
@@ -274,15 +286,16 @@ def test_gemm_prologue_folds_sole_producers_into_int8_gemms():
             outs.append(h)
         return gs.Graph(nodes=nodes, inputs=[a, r, gu], outputs=outs, opset=23)
 
-    for variant, kind in (("rms", "rms"), ("skip", "skip_rms"), ("swiglu", "swiglu")):
+    for variant, kind in (("rms", "rms"), ("skip", "skip_rms"), ("swiglu", "swiglu"), ("float", "rms")):
         gr = graph(variant)
         assert gemm_prologue(gr) == 1, variant
         (node,) = gr.nodes
-        assert node.attrs["prologue"] == kind and node.inputs[3].name == ""
-        assert [t.name for t in node.inputs[4:]] == {"rms": ["g"], "skip_rms": ["g", "r"], "swiglu": []}[kind]
+        at = 3 if node.op == "Linear" else 4
+        assert node.attrs["prologue"] == kind and node.inputs[at - 1].name == ("gemm_b" if at == 3 else "")
+        assert [t.name for t in node.inputs[at:]] == {"rms": ["g"], "skip_rms": ["g", "r"], "swiglu": []}[kind]
         assert node.inputs[0].name == ("gu" if kind == "swiglu" else "a")
         assert [t.name for t in node.outputs] == (["gemm_y", "s"] if kind == "skip_rms" else ["gemm_y"])
-    for variant in ("shared", "skip_bias", "int4", "wide"):
+    for variant in ("shared", "skip_bias", "int4", "wide", "float_long_k"):
         assert gemm_prologue(graph(variant)) == 0, variant
 
 

@@ -332,14 +332,15 @@ ONE_ROUNDING = {torch.float32: 1e-5, torch.bfloat16: 4e-3, torch.float16: 5e-4} 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("codes", [False, True])
+@pytest.mark.parametrize("weight", ["float", "float_kn", "int8"])
 @pytest.mark.parametrize("kind", ["", "rms", "skip_rms", "swiglu"])
-def test_gemv_with_prologue(dtype, codes, kind):
+def test_gemv_with_prologue(dtype, weight, kind):
     """The decode GEMV (one row) with each prologue: the replaced kernel's output (P(x), by the
     norm / SwiGLU kernel) times W in float64, rounded once; s bit for bit the SkipRMSNorm
     kernel's; with W the identity, y is P(x) itself (the prologue's rounding points are the
     replaced kernel's). K is split three ways over programs and N is not a multiple of the tile:
-    every output is written, the counters are back at zero, a second call gives the same bits."""
+    every output is written, the counters are back at zero, a second call gives the same bits.
+    Float W as mmc.Linear passes it (a [K, N] view of [N, K]) and as a [K, N] tensor."""
     from mmc.plugins import triton_util as tu
     from mmc.plugins.linear import gemv, prologue
 
@@ -349,12 +350,15 @@ def test_gemv_with_prologue(dtype, codes, kind):
     gamma, skip = (rand(k, dtype=dtype) * 0.5 + 1), rand(1, 1, k, dtype=dtype)
     attrs = {"prologue": kind, "epsilon": 1e-6, "activation": "silu"}
     xin, s_want = prologue.apply(x, [gamma, skip], attrs, "triton_kernel")
+    codes = weight == "int8"
     if codes:
         w = torch.randint(-127, 128, (n, k), generator=GEN, dtype=torch.int8).to(DEV)
         scale = (torch.rand(n, generator=GEN) * 0.01 + 0.001).to(DEV)
         w64 = (w.double() * scale.double()[:, None]).T
     else:
         w, scale = rand(k, n, dtype=dtype, scale=0.1), None
+        w = w if weight == "float_kn" else w.T.contiguous().t()
+        assert w.stride() == ((n, 1) if weight == "float_kn" else (1, k))
         w64 = w.double()
     bias = rand(n, dtype=dtype)
     out = [torch.full((n,), float("nan"), dtype=dtype, device=DEV),
@@ -385,8 +389,8 @@ def test_gemv_default_tile_with_a_norm_takes_all_of_k():
     from mmc.plugins.linear import gemv, prologue
 
     k, n = 1000, 36
-    cfg = gemv.config(n, k, True, prologue="rms")
-    assert cfg["BLOCK_K"] >= k and cfg["BLOCK_N"] == 8 and gemv.config(n, k, True)["BLOCK_K"] < k
+    cfg = gemv.config(n, k, "int8", prologue="rms")
+    assert cfg["BLOCK_K"] >= k and cfg["BLOCK_N"] == 8 and gemv.config(n, k, "int8")["BLOCK_K"] < k
     x, gamma = rand(1, k, dtype=torch.bfloat16), rand(k, dtype=torch.bfloat16) * 0.5 + 1
     w = torch.randint(-127, 128, (n, k), generator=GEN, dtype=torch.int8).to(DEV)
     scale = (torch.rand(n, generator=GEN) * 0.01 + 0.001).to(DEV)
@@ -396,6 +400,21 @@ def test_gemv_default_tile_with_a_norm_takes_all_of_k():
     close(y.reshape(-1), want, torch.bfloat16, ONE_ROUNDING[torch.bfloat16])
 
 
+@pytest.mark.parametrize("k, n", [(1000, 36), (2304, 40), (512, 4100)])
+def test_gemv_float_default_tiles(k, n):
+    """Float W in nn.Linear's layout with the GEMV's own tile choice: all of K per program (K <=
+    WHOLE_K; 16 columns, 4 on wide N) or 2048-slices of a longer K (split-K): x @ W in float64,
+    rounded once; K not a power of two, N not a multiple of the tile."""
+    from mmc.plugins.linear import gemv
+
+    cfg = gemv.config(n, k, "float")
+    whole = k <= gemv.WHOLE_K
+    assert (cfg["BLOCK_K"] >= k) == whole and cfg["BLOCK_N"] == ((16 if n <= 4096 else 4) if whole else 8)
+    x, w = rand(1, k, dtype=torch.bfloat16), rand(n, k, dtype=torch.bfloat16, scale=0.1)
+    y, _ = gemv.gemv(x, w.t())
+    close(y.reshape(-1), x.reshape(-1).double() @ w.double().T, torch.bfloat16, ONE_ROUNDING[torch.bfloat16])
+
+
 def test_gemv_default_tiles_long_k_int8_without_bias():
     """The GEMV's own tile choice (no sweep tile) on an int8 shape with K over one 1/rms chunk
     (NORM_BLOCK) and over one K-slice (split-K), no bias: the SkipRMSNorm kernel's output times the
@@ -403,7 +422,7 @@ def test_gemv_default_tiles_long_k_int8_without_bias():
     from mmc.plugins.linear import gemv, prologue
 
     k, n = 2304, 40
-    assert k > gemv.NORM_BLOCK and k > gemv.config(n, k, True)["BLOCK_K"]
+    assert k > gemv.NORM_BLOCK and k > gemv.config(n, k, "int8")["BLOCK_K"]
     x, skip, gamma = rand(1, 1, k, dtype=torch.bfloat16), rand(1, 1, k, dtype=torch.bfloat16), rand(k) * 0.5 + 1
     attrs = {"prologue": "skip_rms", "epsilon": 1e-6}
     xin, s_want = prologue.apply(x, [gamma.to(torch.bfloat16), skip], attrs, "triton_kernel")
@@ -415,20 +434,24 @@ def test_gemv_default_tiles_long_k_int8_without_bias():
     assert torch.equal(s, s_want)
 
 
-def test_weight_only_matmul_prologue_faces_agree():
-    """mmc.WeightOnlyMatMul with a folded SkipRMSNorm: the one-row GEMV, the many-row path (the
-    norm kernel, then the weight-only kernel) and the torch reference give the numpy reference's
-    y and s."""
+@pytest.mark.parametrize("op_name", ["WeightOnlyMatMul", "Linear"])
+def test_gemm_prologue_faces_agree(op_name):
+    """mmc.WeightOnlyMatMul (int8) and mmc.Linear with a folded SkipRMSNorm: the one-row GEMV, the
+    many-row path (the norm kernel, then the weight-only kernel / cuBLAS) and the torch reference
+    give the numpy reference's y and s."""
     from mmc import quantization as qz
-    from mmc.plugins.linear import WeightOnlyMatMul
+    from mmc.plugins import OPS
 
     k, n = 256, 48
     codes, scale = qz.quantize_per_channel(torch.randn(k, n, generator=GEN).numpy(), 8)
-    attrs = {"bits": 8, "k": k, "prologue": "skip_rms", "epsilon": 1e-6}
-    op = WeightOnlyMatMul()
+    attrs = {"prologue": "skip_rms", "epsilon": 1e-6} | ({"bits": 8, "k": k} if op_name != "Linear" else {})
+    op = OPS[op_name]
     for rows in (1, 5):
         x, skip, g = rand(1, rows, k), rand(1, rows, k), rand(k) * 0.5 + 1
-        ins = [x, torch.from_numpy(codes.T.copy()).to(DEV), torch.from_numpy(scale).to(DEV), None, g, skip]
+        if op_name == "Linear":
+            ins = [x, rand(n, k, scale=0.1), rand(n), g, skip]
+        else:
+            ins = [x, torch.from_numpy(codes.T.copy()).to(DEV), torch.from_numpy(scale).to(DEV), None, g, skip]
         y_ref, s_ref = op.reference([t.cpu().numpy() if torch.is_tensor(t) else t for t in ins], attrs)
         for got in (op.triton_kernel(ins, attrs), op.torch_reference(ins, attrs)):
             assert len(got) == 2
@@ -438,22 +461,24 @@ def test_weight_only_matmul_prologue_faces_agree():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("m", [1, 40])
-def test_linear(dtype, bias, m):
-    """mmc.Linear (cuBLAS through torch on the GPU): near the float64 reference, and the same
-    bits whether it writes into the executor's buffer or a new tensor."""
+@pytest.mark.parametrize("rows", [(1, 1), (2, 40)])
+def test_linear(dtype, bias, rows):
+    """mmc.Linear (W [N, K]; one row: the Triton GEMV, more rows: cuBLAS through torch): both
+    faces near the float64 reference, and the same bits whether they write into the executor's
+    buffer or a new tensor."""
     from mmc.plugins.linear import Linear
 
-    x, w = rand(2, m, 96, dtype=dtype), rand(96, 80, dtype=dtype, scale=0.1)
+    x, w = rand(*rows, 96, dtype=dtype), rand(80, 96, dtype=dtype, scale=0.1)
     b = rand(80, dtype=dtype) if bias else None
     ins = [x, w] + ([b] if bias else [])
-    new = Linear().torch_reference(ins, {})[0]
-    out = [torch.empty(2, m, 80, dtype=dtype, device=DEV)]
-    got = Linear().torch_reference(ins, {}, out=out)[0]
-    assert got.dtype == dtype and got.shape == (2, m, 80) and got.data_ptr() == out[0].data_ptr()
-    assert torch.equal(got, new)
     ref = Linear().reference([t.float().cpu().numpy() for t in ins], {})[0]
-    close(got, torch.from_numpy(ref), dtype)
+    for face in (Linear().torch_reference, Linear().triton_kernel):
+        new = face(ins, {})[0]
+        out = [torch.empty(*rows, 80, dtype=dtype, device=DEV)]
+        got = face(ins, {}, out=out)[0]
+        assert got.dtype == dtype and got.shape == (*rows, 80) and got.data_ptr() == out[0].data_ptr()
+        assert torch.equal(got, new)
+        close(got, torch.from_numpy(ref), dtype)
 
 
 def _kept_reference(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -107,5 +107,6 @@ def test_executor_runs_from_the_arena_bit_identically(cuda_bf16, kernels):
     ops = {s["op"] for b in planned for n in b["arena"] for s in eng.decoder.steps if n in s["outputs"]}
     assert "Linear" in ops
     if kernels == "triton":
-        assert {"RMSNorm", "SkipRMSNorm", "SwiGLU", "Attention"} <= ops  # (the rotary runs inside Attention)
+        # the rotary runs inside Attention, the other norms and the SwiGLUs inside the GEMMs they feed
+        assert {"SkipRMSNorm", "Attention"} <= ops
     assert runs[False][0].decoder.memory() == []

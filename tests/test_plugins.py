@@ -73,9 +73,11 @@ def test_norms(opset):
 
 
 def test_linear_ort_face():
-    """mmc.Linear (a cuda-plan op) lowers to MatMul (+ Add) for ORT: the reference's values."""
-    x, w, b = randn(2, 5, 32), randn(32, 24), randn(24)
-    for ins, want_ops in (([x, w, b], ["MatMul", "Add"]), ([x, w], ["MatMul"])):
+    """mmc.Linear (a cuda-plan op, W [N, K]) lowers to MatMul of the transposed W (+ Add) for ORT:
+    the reference's values, which are x @ Wᵀ (+ b)."""
+    x, w, b = randn(2, 5, 32), randn(24, 32), randn(24)
+    close(OPS["Linear"].reference([x, w, b], {})[0], x @ w.T + b, 1e-5)
+    for ins, want_ops in (([x, w, b], ["Transpose", "MatMul", "Add"]), ([x, w], ["Transpose", "MatMul"])):
         got, ops = run_fused("Linear", ins, {}, 1, 20)
         assert ops == want_ops
         close(got[0], OPS["Linear"].reference(ins, {})[0], 1e-5)

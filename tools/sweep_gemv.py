@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="shapes whose name starts with this (e.g. '3b')")
     ap.add_argument("--with-prologue", action="store_true",
                     help="sweep the tiles with the prologue (best_ms / best_tile are then with it)")
+    ap.add_argument("--weights", default="bf16-KN,bf16-NK,int8",
+                    help="weights to time: bf16-KN (mmc.Linear's [K, N]), bf16-NK (nn.Linear's [N, K]), int8 codes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gemv: needs a CUDA GPU", file=sys.stderr)
@@ -63,17 +65,23 @@ def main(argv=None) -> int:
                    for bn, bk, nw in itertools.product((32, 64, 128, 256), (32, 64, 128, 256), (4, 8))]
     code_tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
                   for bn, bk, nw in itertools.product((8, 16, 32, 64, 128), (128, 256, 512, 1024, 2048), (4, 8))]
+    nk_tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}  # bf16 rows of K: 2 bytes a weight
+                for bn, bk, nw in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))]
     for name, (k, n, pro) in SHAPES.items():
         if not name.startswith(args.only):
             continue
-        for codes in (False, True):
+        for codes, layout in ((False, "KN"), (False, "NK"), (True, "NK")):
+            if ("int8" if codes else f"bf16-{layout}") not in args.weights.split(","):
+                continue
             nbytes = k * n * (1 if codes else 2)
             copies = max(2, min(40, -(-4 * L2_BYTES // nbytes)))
             if codes:
                 ws = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(copies)]
                 sc = torch.rand(n, device=dev) * 0.01
-            else:
-                ws = [torch.randn(k, n, device=dev, dtype=bf) * 0.02 for _ in range(copies)]
+            else:  # float W [K, N], or a [K, N] view of nn.Linear's [N, K] (rows of K contiguous)
+                shape = (k, n) if layout == "KN" else (n, k)
+                ws = [torch.randn(*shape, device=dev, dtype=bf) * 0.02 for _ in range(copies)]
+                ws = ws if layout == "KN" else [w.t() for w in ws]
                 sc = None
             x = torch.randn(1, 2 * k if pro == "swiglu" else k, device=dev, dtype=bf)
             skip, gamma = torch.randn(1, k, device=dev, dtype=bf), torch.rand(k, device=dev, dtype=bf) + 0.5
@@ -96,32 +104,31 @@ def main(argv=None) -> int:
                     return weight_only_matmul(xin, w, sc, 8) if codes else xin @ w
                 return [lambda w=w: one(w) for w in ws]
 
-            row = {"shape": name, "K": k, "N": n, "weight": "int8" if codes else "bf16", "prologue": pro,
+            row = {"shape": name, "K": k, "N": n, "weight": "int8" if codes else "bf16",
+                   "layout": layout, "prologue": pro,
                    "default_ms": timed(ours()), "default_no_prologue_ms": timed(ours(prologue=False)),
                    "unfused_ms": timed(unfused())}
             got, want = ours()[0]()[0].float(), unfused()[0]().float()
             row["max_rel_diff_vs_unfused"] = ((got - want).abs().max() / want.abs().max()).item()
             if not codes:
                 row["cublas_ms"] = timed([lambda w=w: x[:, :k] @ w for w in ws])
-            best = None
             if not args.quick:
-                for tile in (code_tiles if codes else float_tiles):
+                row["tiles"] = []  # [(tile, ms)], every tile that compiled
+                for tile in (code_tiles if codes else float_tiles if layout == "KN" else nk_tiles):
                     try:
-                        t = timed(ours(dict(tile), prologue=args.with_prologue), runs=10)
+                        row["tiles"].append((tile, timed(ours(dict(tile), prologue=args.with_prologue), runs=10)))
                     except Exception as e:  # noqa: BLE001  (a tile that does not compile)
                         print(f"  {name} {tile}: {type(e).__name__}", flush=True)
-                        continue
-                    if best is None or t < best[0]:
-                        best = (t, tile)
-                row["best_ms"], row["best_tile"] = best
-                row["best_with_prologue_ms"] = timed(ours(dict(best[1])))
+                row["best_tile"], row["best_ms"] = best = min(row["tiles"], key=lambda r: r[1])
+                row["best_with_prologue_ms"] = timed(ours(dict(best[0])))
             for key in [c for c in row if c.endswith("_ms")]:
                 row[key.replace("_ms", "_GBps")] = round(nbytes / row[key] / 1e6)
             results.append(row)
-            print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results}, f, indent=1)
+            print(json.dumps({c: v for c, v in row.items() if c != "tiles"}), flush=True)
+            if args.json:  # after every shape: a sweep cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": results},
+                              f, indent=1)
     return 0
 
 

@@ -81,20 +81,11 @@ by the dequantized weight.
     def triton_kernel(self, inputs, attrs, out=None):
         """One row with int8 codes: the GEMV, its prologue inside (gemv.py). Else the
         prologue's kernel, then the weight-only GEMM (kernels.py)."""
-        from . import gemv
         from .kernels import weight_only_matmul
 
-        x, w, scale, bias = inputs[0], inputs[1], inputs[2], _bias(inputs)
-        kind = attrs.get("prologue", "")
-        if gemv.applies(x, attrs["bits"]):
-            extra = list(inputs[self.PROLOGUE_AT:]) + [None, None]
-            y, s = gemv.gemv(x, w, scale=scale, bias=bias, prologue=kind, gamma=extra[0], skip=extra[1],
-                             epsilon=attrs.get("epsilon", 1e-6), activation=attrs.get("activation", "silu"), out=out)
-            return [y] + ([s] if kind == "skip_rms" else [])
-        x, s = prologue.apply(x, inputs[self.PROLOGUE_AT:], attrs, "triton_kernel",
-                              out[1] if out and len(out) > 1 else None)
-        y = weight_only_matmul(x, w, scale, attrs["bits"], attrs.get("group_size", 0), out=out, bias=bias)
-        return [y] + ([s] if s is not None else [])
+        w, scale, bits = inputs[1], inputs[2], attrs["bits"]
+        return _gpu_face(inputs, attrs, self.PROLOGUE_AT, out, w, scale, bits, lambda x: weight_only_matmul(
+            x, w, scale, bits, attrs.get("group_size", 0), out=out, bias=_bias(inputs)))
 
     def infer(self, node):
         xs, ws = prologue.gemm_rows(node), shape_of(node.inputs[1])
@@ -112,8 +103,25 @@ by the dequantized weight.
             emit.op("MatMul", [x, emit.const(wf, np.float32)], [node.outputs[0]])
 
 
-def _bias(inputs):
-    return inputs[3] if len(inputs) > 3 else None
+def _bias(inputs, at: int = 3):
+    return inputs[at] if len(inputs) > at else None
+
+
+def _gpu_face(inputs, attrs, at: int, out, w, scale, bits: int, rows):
+    """Both GEMMs' GPU face: one row runs the GEMV with the prologue inside (gemv.py; w as it
+    takes it: float [K, N] or codes [N, K] with `scale`); more rows run the prologue's kernel,
+    then `rows(x')` (the GEMM). Returns [y (, s)]."""
+    from . import gemv
+
+    x, kind = inputs[0], attrs.get("prologue", "")
+    if gemv.applies(x, bits):
+        extra = list(inputs[at:]) + [None, None]
+        y, s = gemv.gemv(x, w, scale=scale, bias=_bias(inputs, at - 1), prologue=kind, gamma=extra[0],
+                         skip=extra[1], epsilon=attrs.get("epsilon", 1e-6), activation=attrs.get("activation", "silu"),
+                         out=out)
+        return [y] + ([s] if kind == "skip_rms" else [])
+    x, s = prologue.apply(x, inputs[at:], attrs, "triton_kernel", out[1] if out and len(out) > 1 else None)
+    return [rows(x)] + ([s] if s is not None else [])
 
 
 def _torch_woq(x, inputs, attrs):
@@ -132,57 +140,74 @@ def _torch_woq(x, inputs, attrs):
 
 
 class Linear(FusedOp):
-    """y = x @ w (+ bias): the float GEMM of the cuda target, bias in the GEMM's epilogue.
+    """y = P(x) @ wᵀ (+ bias): the float GEMM of the cuda target, bias in the GEMM's epilogue.
 
-    inputs:  x [..., K] (activation dtype), w [K, N] (MatMul's layout), bias [N] (optional)
-    outputs: y [..., N] (dtype of x)
+    inputs:  x [..., K] (activation dtype), w [N, K] (nn.Linear's layout: each output channel's K
+             weights contiguous), bias [N] (optional, may be empty), prologue inputs from index 3
+             (plugins/linear/prologue.py)
+    outputs: y [..., N] (dtype of x), s (skip_rms prologue, optional)
+    attrs:   prologue, epsilon, activation (optional: y = P(x) @ wᵀ, P the folded RMSNorm /
+             SkipRMSNorm / SwiGLU, see prologue.py)
 
 Not produced by a pass: the plan compiler turns `MatMul(x, @W [K, N])`, and an `Add` of a constant
-[N] bias that is its only reader, into this op. On the GPU it is one cuBLAS call on the flattened
-rows (addmm with the bias, else mm): the bias is added in float32 before the one rounding to the
-activation dtype (as nn.Linear does), and no separate Add kernel runs. The weight keeps MatMul's
-[K, N] layout: on the H100, cuBLAS's decode GEMVs ran 3-7 % slower on nn.Linear's [N, K] layout
-(tools/profile_cuda.py, 2026-11-22), with the same logits cosine against transformers. The ORT
-face is MatMul (+ Add).
+[N] bias that is its only reader, into this op with W stored transposed. On the GPU one row (a
+batch-1 decode step) runs the Triton GEMV (gemv.py) with the prologue inside; more rows run the
+prologue's kernel, then one cuBLAS call on the flattened rows (addmm with the bias, else mm). The
+bias is added in float32 before the one rounding to the activation dtype (as nn.Linear does). The
+[N, K] layout is the GEMV's: on the H100 it streams the 3B decode shapes at 2.0-3.1 TB/s against
+cuBLAS's 1.3-2.8 on either layout (tools/sweep_gemv.py, docs/benchmarks.md). The ORT face is the
+prologue's, then MatMul with the transposed weight (+ Add).
 """
 
     name = "Linear"
+    PROLOGUE_AT = 3
 
     def reference(self, inputs, attrs):
-        x, w = inputs[0], inputs[1]
-        y = x.astype(np.float64) @ w.astype(np.float64)
-        if len(inputs) > 2 and inputs[2] is not None:
+        x, s = prologue.apply(inputs[0], inputs[self.PROLOGUE_AT:], attrs, "reference")
+        y = x.astype(np.float64) @ inputs[1].astype(np.float64).T
+        if _bias(inputs, 2) is not None:
             y = y + inputs[2].astype(np.float64)
-        return [y.astype(x.dtype)]
+        return [y.astype(x.dtype)] + ([s] if s is not None else [])
 
     writes_out = torch_writes_out = True
 
     def torch_reference(self, inputs, attrs, out=None):
-        """cuBLAS (or the CPU's GEMM) through torch on the flattened rows (addmm with a bias, else
-        mm), writing into `out[0]` when given. Also the GPU face: no Triton kernel."""
-        import torch
+        """The prologue's torch face, then cuBLAS (or the CPU's GEMM) through torch on the
+        flattened rows (addmm with a bias, else mm), writing into `out[0]` when given."""
+        x, s = prologue.apply(inputs[0], inputs[self.PROLOGUE_AT:], attrs, "torch_reference")
+        if s is not None and out and len(out) > 1 and out[1] is not None:
+            s = out[1].copy_(s)
+        return [_cublas(x, inputs[1], _bias(inputs, 2), out)] + ([s] if s is not None else [])
 
-        x, w = inputs[0], inputs[1]
-        bias = inputs[2] if len(inputs) > 2 else None
-        o = out[0] if out and out[0] is not None else None
-        x2 = x.reshape(-1, x.shape[-1])
-        o2 = o.view(-1, w.shape[1]) if o is not None else None
-        if bias is not None:
-            y = torch.addmm(bias, x2, w, out=o2) if o2 is not None else torch.addmm(bias, x2, w)
-        else:
-            y = torch.mm(x2, w, out=o2) if o2 is not None else torch.mm(x2, w)
-        return [y.view(*x.shape[:-1], w.shape[1])]
-
-    triton_kernel = torch_reference
+    def triton_kernel(self, inputs, attrs, out=None):
+        """One row: the GEMV, its prologue inside (gemv.py). Else the prologue's kernel, then cuBLAS."""
+        w, bias = inputs[1], _bias(inputs, 2)
+        return _gpu_face(inputs, attrs, self.PROLOGUE_AT, out, w.t(), None, 0, lambda x: _cublas(x, w, bias, out))
 
     def infer(self, node):
-        xs, ws = shape_of(node.inputs[0]), shape_of(node.inputs[1])
-        return [(dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[1]])]
+        xs, ws = prologue.gemm_rows(node), shape_of(node.inputs[1])
+        y = (dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])
+        return [y] + prologue.extra_outputs(node)
 
     def lower_ort(self, emit: Emitter, node, opset):
-        x, w = node.inputs[0], node.inputs[1]
-        if len(node.inputs) > 2:
-            (y,) = emit.op("MatMul", [x, w], 1)
+        x = prologue.lower_ort(emit, node, self.PROLOGUE_AT, opset)
+        (wt,) = emit.op("Transpose", [node.inputs[1]], 1, {"perm": [1, 0]})
+        if present(node, 2) is not None:
+            (y,) = emit.op("MatMul", [x, wt], 1)
             emit.op("Add", [y, node.inputs[2]], [node.outputs[0]])
         else:
-            emit.op("MatMul", [x, w], [node.outputs[0]])
+            emit.op("MatMul", [x, wt], [node.outputs[0]])
+
+
+def _cublas(x, w, bias, out):
+    """x [..., K] @ w[N, K]ᵀ (+ bias) by torch (cuBLAS on the GPU), into out[0] when given."""
+    import torch
+
+    o = out[0] if out and out[0] is not None else None
+    x2, wt = x.reshape(-1, x.shape[-1]), w.t()
+    o2 = o.view(-1, w.shape[0]) if o is not None else None
+    if bias is not None:
+        y = torch.addmm(bias, x2, wt, out=o2) if o2 is not None else torch.addmm(bias, x2, wt)
+    else:
+        y = torch.mm(x2, wt, out=o2) if o2 is not None else torch.mm(x2, wt)
+    return y.view(*x.shape[:-1], w.shape[0])

@@ -1,8 +1,8 @@
 """Triton GEMV for one row (a batch-1 decode step): y = P(x) @ W (+ bias), where P, the op that
 made the GEMM's input, runs inside the GEMV as its prologue instead of as a kernel of its own.
 
-    W   float [K, N] (mmc.Linear's layout), or int8 codes [N, K] and a scale [N]
-        (WeightOnlyMatMul bits 8: y = (P(x) @ codesᵀ) · scale)
+    W   float [K, N], usually a view of nn.Linear's [N, K] (mmc.Linear's layout), or int8 codes
+        [N, K] and a scale [N] (WeightOnlyMatMul bits 8: y = (P(x) @ codesᵀ) · scale)
     P   none       x
         rms        RMSNorm(x, gamma)                                      plugins/norms RMSNorm
         skip_rms   RMSNorm(s, gamma), s = x + skip; s is written too      plugins/norms SkipRMSNorm
@@ -21,8 +21,12 @@ s. P(x)'s K-slice (and gamma's, skip's) come from L2.
 
 Measured on the H100 (tools/sweep_gemv.py, docs/benchmarks.md): with int8 codes it beats the
 weight-only GEMM kernel (kernels.py) plus the folded op's own kernel by 1.2-1.6× on the 3B
-layer shapes, and is ~4 % slower on the 151,936-wide lm_head shape; with bf16 weights it is
-5-25 % slower than cuBLAS, so mmc.Linear stays on cuBLAS and only int8 GEMMs take prologues.
+layer shapes, and is ~4 % slower on the 151,936-wide lm_head shape. With bf16 weights in
+nn.Linear's [N, K] layout (rows of K contiguous, each program on all of K up to 2048) it streams
+the 3B shapes at 2.0-3.1 TB/s, faster than cuBLAS on either layout (o 4.2 against 6.6 us,
+lm_head 200 against 219); on the 7B's qkv / o (K = 3584) it is ~1 us slower than cuBLAS, on
+its gate_up / down 2-3 us faster. On mmc.Linear's old [K, N] layout (rows of N) it lost to
+cuBLAS everywhere.
 
 More rows (batched decode, prefill) run P's own kernel and then cuBLAS / the weight-only kernel:
 see `applies`.
@@ -39,7 +43,8 @@ from ..swiglu.kernels import ACTS, gated
 from ..triton_util import inputs_ready, output, pdl, split_sum, tile_counters, to
 
 PROLOGUES = {"": 0, "rms": 1, "skip_rms": 2, "swiglu": 3}
-FLOAT = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4}  # W [K, N]: rows of N contiguous
+FLOAT_KN = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4}  # float W [K, N] with rows of N contiguous
+WHOLE_K = 2048  # float rows of K: each program takes all of K up to this
 CODES = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8}  # codes [N, K]: rows of K contiguous
 NORM_BLOCK = 1024
 
@@ -117,16 +122,25 @@ NORM_CODES = {"BLOCK_N": 8, "num_warps": 4}  # codes with an rms prologue, K <= 
 NORM_WHOLE_K = 2048
 
 
-def config(n: int, k: int, codes: bool, tile: dict | None = None, prologue: str = "") -> dict:
-    """Tile: `tile` (a sweep's candidate), FLOAT, or for codes a rule fitted to the H100 sweeps
-    (longer K-slices for long K, wider column tiles for wide N; within ~0.3 us of the best tile
-    without a prologue, ~0.5 us off on qkv with one). With an rms prologue and K <= NORM_WHOLE_K
-    each program takes all of K on 8 columns (NORM_CODES): the row's 1/rms is computed by 4x
-    fewer programs and nothing is split (3B qkv with its norm: 6.9 -> 4.4 us; the best of 50
-    tiles, 4.1 us, was this shape: `tools/sweep_gemv.py --with-prologue`). K is split into
-    K / BLOCK_K programs per column tile."""
-    if tile or not codes:
-        return dict(tile or FLOAT)
+def config(n: int, k: int, weight: str, tile: dict | None = None, prologue: str = "") -> dict:
+    """Tile for `weight` "int8" (codes [N, K]), "float" (rows of K: a view of [N, K]) or "float_kn"
+    (rows of N): `tile` (a sweep's candidate), else a rule fitted to the H100 sweeps
+    (tools/sweep_gemv.py). Float rows of K: all of K per program up to WHOLE_K on 16 columns
+    (N <= 4096) or 4 (wider), longer K in 2048-slices on 8 columns (within 0.3 us of the best of
+    32 tiles on the 3B and 7B shapes but the 3B o, 0.5). Codes: longer K-slices for long K, wider
+    column tiles for wide N (within ~0.3 us of the best tile without a prologue); with an rms
+    prologue and K <= NORM_WHOLE_K each program takes all of K on 8 columns (NORM_CODES): the row's
+    1/rms is computed by 4x fewer programs and nothing is split (3B qkv with its norm: 6.9 -> 4.4
+    us; the best of 50 tiles, 4.1 us, was this shape: `tools/sweep_gemv.py --with-prologue`). K is
+    split into K / BLOCK_K programs per column tile."""
+    if tile:
+        return dict(tile)
+    if weight == "float_kn":
+        return dict(FLOAT_KN)
+    if weight == "float":
+        if k <= WHOLE_K:
+            return {"BLOCK_N": 16 if n <= 4096 else 4, "BLOCK_K": triton.next_power_of_2(k), "num_warps": 8}
+        return {"BLOCK_N": 8, "BLOCK_K": WHOLE_K, "num_warps": 4}
     if prologue in ("rms", "skip_rms") and k <= NORM_WHOLE_K:
         return dict(NORM_CODES, BLOCK_K=triton.next_power_of_2(k))
     return dict(CODES, BLOCK_K=1024 if k >= 8192 else 512, BLOCK_N=32 if n >= 8192 else 16)
@@ -140,9 +154,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, scale: torch.Tensor | None = None,
     out: the executor's buffers [y, s] (entries may be None)."""
     codes = scale is not None
     n, k = (w.shape[0], w.shape[1]) if codes else (w.shape[1], w.shape[0])
-    swk, swn = (1, k) if codes else (n, 1)
+    swk, swn = (1, k) if codes else w.stride()  # a float W may be a [K, N] view of an [N, K] tensor
     xr = x.reshape(-1).contiguous()
-    cfg = config(n, k, codes, tile, prologue)
+    cfg = config(n, k, "int8" if codes else "float" if swk == 1 else "float_kn", tile, prologue)
     splits = triton.cdiv(k, cfg["BLOCK_K"])
     y = output(out, 0, (n,), x.dtype, x.device)
     s = None
