@@ -114,7 +114,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
                   max_drop: float | None = None, calib=None, calib_method: str = "minmax",
                   calib_percentile: float = 99.99, smooth_alpha: float | None = 0.5,
                   kv_cache: str | None = None, precision: str | None = None,
-                  accuracy_report: bool = True, trt_capabilities: list[str] | None = None,
+                  quantize_lm_head: bool = False, accuracy_report: bool = True, trt_capabilities: list[str] | None = None,
                   max_batch: int = 4, max_seq_len: int = 2048) -> CompileResult:
     """Compile MODEL (checkpoint dir or preset name) into an engine folder; see `mmc compile --help`."""
     from mmc.models import resolve
@@ -131,7 +131,7 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
     for spec in pass_modules:
         registry.load_pass_module(spec)
     pipeline = registry.resolve_pipeline(passes)
-    quant = _quant_config(quantize, group_size, smooth_alpha, kv_cache)
+    quant = _quant_config(quantize, group_size, smooth_alpha, kv_cache, quantize_lm_head)
     if max_drop is not None and (quant is None or not 0 <= max_drop < 100):
         raise MmcError("--max-drop PCT needs quantization and 0 <= PCT < 100" if quant is not None
                        else "--max-drop needs --int8, --int4, --fp8 or --kv-cache")
@@ -274,21 +274,24 @@ def _remove_export(path: Path) -> None:
     path.unlink()
 
 
-def _quant_config(quantize: str | None, group_size: int, smooth_alpha: float | None, kv_cache: str | None = None):
+def _quant_config(quantize: str | None, group_size: int, smooth_alpha: float | None, kv_cache: str | None = None,
+                  lm_head: bool = False):
     import dataclasses
 
     from .quantization import KV_CACHE
 
     if kv_cache is not None and kv_cache not in KV_CACHE:
         raise MmcError(f"unknown --kv-cache {kv_cache!r} (one of {', '.join(KV_CACHE)})")
-    cfg = _weight_config(quantize, group_size, smooth_alpha, kv_cache is not None)
+    if lm_head and quantize is None:
+        raise MmcError("--quantize-lm-head needs --int8, --int4 or --fp8")
+    cfg = _weight_config(quantize, group_size, smooth_alpha, kv_cache is not None, lm_head)
     return dataclasses.replace(cfg, kv_cache=kv_cache) if cfg is not None else None
 
 
-def _weight_config(quantize: str | None, group_size: int, smooth_alpha: float | None, kv: bool):
+def _weight_config(quantize: str | None, group_size: int, smooth_alpha: float | None, kv: bool, lm_head: bool):
     from .quantization import QuantConfig
 
-    keep = ("lm_head", "patch_embed")
+    keep = ("patch_embed",) if lm_head else ("lm_head", "patch_embed")  # the logits GEMM: float unless asked
     if quantize is None:
         return QuantConfig("float", keep_float=keep) if kv else None
     if quantize in ("int8", "w8a16"):

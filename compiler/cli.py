@@ -36,7 +36,7 @@ def cmd_compile(args) -> int:
         quantize=args.int8 or args.int4 or args.fp8, group_size=args.group_size, max_drop=args.max_drop,
         calib=args.calib, calib_method=args.calib_method, calib_percentile=args.calib_percentile,
         smooth_alpha=None if args.no_smooth else args.smooth_alpha, kv_cache=args.kv_cache, precision=args.precision,
-        accuracy_report=not args.no_accuracy_report,
+        quantize_lm_head=args.quantize_lm_head, accuracy_report=not args.no_accuracy_report,
         trt_capabilities=args.trt_capability.split(",") if args.trt_capability else None,
         max_batch=args.max_batch, max_seq_len=args.max_seq_len,
         pass_modules=args.pass_module,
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-cache", choices=("int8", "fp8"), default=None,
                    help="store the decoder's K/V cache as int8 or fp8 e4m3 codes, one calibrated scale per "
                         "kv head (default: float; combines with any weight mode)")
+    c.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the logits GEMM (lm_head) too (default: float, as weight-only toolkits keep "
+                        "it; it is the largest GEMM of a small model's decode step)")
     c.add_argument("--group-size", type=int, default=128, help="int4 group size along K (default: 128)")
     c.add_argument("--calib", metavar="JSONL", default=None,
                    help='calibration prompts, one JSON object per line: {"text": ..., "image": path} '

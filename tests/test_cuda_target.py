@@ -343,3 +343,28 @@ def test_weight_only_engines_run_from_codes(tiny_dir, tmp_path, mode):
     needs_interpreted_triton()
     tri = load(cuda, device="cpu", max_seq_len=64, kernels="triton")
     assert tri.generate("The quick brown", max_new_tokens=8).token_ids == want
+
+
+def test_quantized_lm_head_is_opt_in(tiny_dir, tmp_path):
+    """--int8 --quantize-lm-head: the logits GEMM is an int8 mmc.WeightOnlyMatMul too (without the
+    flag it stays a float mmc.Linear: test_weight_only_engines_run_from_codes), the manifest keeps
+    nothing float but the patch embedding, and the greedy tokens equal the ORT engine of the same
+    flags (MatMulNBits) on the torch path and the interpreted Triton kernels."""
+    from mmc.runtime import load
+
+    cuda, ort = tmp_path / "q.cuda.mmc", tmp_path / "q.ort.mmc"
+    flags = ("--int8", "--quantize-lm-head", "--no-accuracy-report", "-q")
+    run_mmc("compile", tiny_dir, *flags, "--target", "cuda", "--precision", "fp32", "-o", cuda)
+    run_mmc("compile", tiny_dir, *flags, "-o", ort)
+    plan = _plan(cuda)
+    logits = next(s for s in plan["steps"] if "logits" in s["outputs"])
+    assert logits["op"] == "WeightOnlyMatMul" and plan["constants"][logits["inputs"][1]]["dtype"] == "int8"
+    assert not [s for s in plan["steps"] if s["op"] == "Linear"]
+    kept = json.loads((cuda / "manifest.json").read_text())["quantization"]["weight_bytes"]["kept_float"]
+    assert not any(k.startswith("lm_head") for k in kept)
+    want = load(ort, device="cpu").generate("The quick brown", max_new_tokens=8).token_ids
+    assert load(cuda, device="cpu", max_seq_len=64, kernels="torch").generate(
+        "The quick brown", max_new_tokens=8).token_ids == want
+    needs_interpreted_triton()
+    tri = load(cuda, device="cpu", max_seq_len=64, kernels="triton")
+    assert tri.generate("The quick brown", max_new_tokens=8).token_ids == want

@@ -96,8 +96,10 @@ def build(preset: str, workdir: Path, modes: list[str], layers: int | None = Non
         if not (out / "manifest.json").exists():
             _log(f"compiling {out.name}")
             t = time.time()
+            quant, _, extra = mode.partition("+")  # "int8+lm_head": --int8 --quantize-lm-head
             res = compile_model(str(ckpt), output=out, target="cuda", passes="all", progress=False,
-                                quantize=None if mode == "bf16" else mode, accuracy_report=False)
+                                quantize=None if quant == "bf16" else quant, quantize_lm_head=extra == "lm_head",
+                                accuracy_report=False)
             slow = sorted(res.seconds.items(), key=lambda kv: -kv[1])[:6]
             _log(f"compiled {out.name} in {time.time() - t:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in slow)})")
         engines[mode] = out
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="qwen2.5-vl-3b")
     ap.add_argument("--layers", type=int, default=0, help="keep only this many decoder layers / vision blocks (0: all)")
     ap.add_argument("--workdir", default="/tmp/mmc-bench")
-    ap.add_argument("--modes", default="bf16", help="comma list of bf16, int8, int4")
+    ap.add_argument("--modes", default="bf16", help="comma list of bf16, int8, int4 (+lm_head: its lm_head too)")
     ap.add_argument("--peers", default="eager,compile", help="comma list of eager, compile (or none)")
     ap.add_argument("--workloads", default="text,image")
     ap.add_argument("--runs", type=int, default=10)
