@@ -1,6 +1,6 @@
 """Plan compiler (target "cuda"): an optimized graph -> the execution plan mmc's own engine runs.
 
-    plan.json   {"format": 1, "component", "precision", "inputs", "outputs", "constants", "steps",
+    plan.json   {"format": 2, "component", "precision", "inputs", "outputs", "constants", "steps",
                  "caches"}
       steps     in topological order, one per node: {op, domain ("" or "mmc"), inputs, outputs,
                 attrs, place, free}
@@ -37,9 +37,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from mmc.runtime.engine_format import CUDA_PLAN_FORMAT
+
 from .errors import MmcError
 
-FORMAT = 1
+FORMAT = CUDA_PLAN_FORMAT  # the runtime refuses other formats (runtime/engine_format.py)
 
 
 def _attr(value):

@@ -27,6 +27,9 @@ from pathlib import Path
 from mmc.errors import MmcError
 
 FORMAT_VERSION = 1
+# the cuda target's plan.json (compiler/plan.py); 2: mmc.Linear keeps W as [N, K] (a format-1
+# plan's [K, N] weights would be read transposed, so the runtime refuses it)
+CUDA_PLAN_FORMAT = 2
 MANIFEST = "manifest.json"
 
 

@@ -368,3 +368,22 @@ def test_quantized_lm_head_is_opt_in(tiny_dir, tmp_path):
     needs_interpreted_triton()
     tri = load(cuda, device="cpu", max_seq_len=64, kernels="triton")
     assert tri.generate("The quick brown", max_new_tokens=8).token_ids == want
+
+
+def test_a_plan_of_another_format_is_refused(cuda_fp32, tmp_path):
+    """A cuda engine whose plan has another format (format 1 kept mmc.Linear's W as [K, N], which
+    this runtime would read transposed) is refused with one line naming the format, not run."""
+    import shutil
+
+    from mmc.runtime import load
+    from mmc.runtime.engine_format import CUDA_PLAN_FORMAT, EngineError
+
+    old = tmp_path / "old.mmc"
+    shutil.copytree(cuda_fp32, old)
+    man = json.loads((old / "manifest.json").read_text())
+    path = old / man["components"]["decoder"]["plan"]
+    plan = json.loads(path.read_text())
+    assert plan["format"] == CUDA_PLAN_FORMAT
+    path.write_text(json.dumps(dict(plan, format=1)))
+    with pytest.raises(EngineError, match="plan format 1 of 'decoder' is not 2 .*compile it again"):
+        load(old, device="cpu", verify=False)

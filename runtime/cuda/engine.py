@@ -72,8 +72,9 @@ def load_component(root: Path, name: str, spec: dict, device: torch.device, kern
         weights = load_file(str(fmt.inside(root, spec["weights"])))
     except (OSError, ValueError, SafetensorError) as e:
         raise fmt.EngineError(f"engine {root} is corrupt: component {name!r} unreadable ({first_line(e)})") from e
-    if plan.get("format") != 1:
-        raise fmt.EngineError(f"engine {root}: plan format {plan.get('format')!r} of {name!r} is not 1")
+    if plan.get("format") != fmt.CUDA_PLAN_FORMAT:
+        raise fmt.EngineError(f"engine {root}: plan format {plan.get('format')!r} of {name!r} is not "
+                              f"{fmt.CUDA_PLAN_FORMAT} (compiled by another mmc version: compile it again)")
     missing = sorted(set(plan["constants"]) - set(weights))
     if missing:
         raise fmt.EngineError(f"engine {root} is corrupt: {name!r} weights lack {missing[:3]}")
