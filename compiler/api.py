@@ -132,6 +132,8 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
         registry.load_pass_module(spec)
     pipeline = registry.resolve_pipeline(passes)
     quant = _quant_config(quantize, group_size, smooth_alpha, kv_cache, quantize_lm_head)
+    if target == "cuda" and quant is not None and quant.mode == "fp8":
+        raise MmcError("--fp8: the cuda target has no fp8 GEMM (use --int8 or --int4 there, or --target tensorrt)")
     if max_drop is not None and (quant is None or not 0 <= max_drop < 100):
         raise MmcError("--max-drop PCT needs quantization and 0 <= PCT < 100" if quant is not None
                        else "--max-drop needs --int8, --int4, --fp8 or --kv-cache")
@@ -253,7 +255,9 @@ def compile_model(model=None, *, output=None, passes="all", target: str = "ort",
 
 def _target_info(target: str, precision: str, components: dict, model_proto) -> dict:
     if target == "cuda":
-        return {"runtime": "mmc-cuda", "precision": precision, "plan_format": 1}
+        from mmc.runtime.engine_format import CUDA_PLAN_FORMAT
+
+        return {"runtime": "mmc-cuda", "precision": precision, "plan_format": CUDA_PLAN_FORMAT}
     if target == "tensorrt":
         from .tensorrt import manifest_target_info
 

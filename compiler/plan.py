@@ -18,7 +18,7 @@
                 mmc.Linear), last_logits (the decoder returns logits [B, 1, V] for the
                 last position only), rope_attention (attentions that took in the rotary
                 of their q and k), gemm_prologue (norms / gated activations folded into the
-                int8 GEMM they feed)
+                float or int8 GEMM they feed)
       caches    per attention that reads its K/V cache from graph inputs and returns it as graph
                 outputs: {step, past: [k, v], present: [k, v]} (the runtime keeps those caches
                 static and the attention writes them in place)

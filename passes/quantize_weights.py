@@ -14,9 +14,9 @@ This Q/DQ form is what TensorRT's explicit quantization reads; the ORT face turn
 DequantizeLinear->MatMul into com.microsoft.MatMulNBits (compiler/lowering.py). Block-wise
 int4 needs opset 21, so the pass upgrades the graph to opset 23 first.
 
-Kept in float (reported): the logits GEMM (`lm_head`, it writes a graph output) and projections
-that read a graph input directly (the vision patch embedding), unless `keep_float` says
-otherwise. The pass changes the numbers by design (`lossy = True`): its numerical check is
+Kept in float (reported): the logits GEMM (`lm_head`, it writes a graph output; `mmc compile
+--quantize-lm-head` quantizes it too) and projections that read a graph input directly (the
+vision patch embedding), unless `keep_float` says otherwise. The pass changes the numbers by design (`lossy = True`): its numerical check is
 reported, not enforced; the accuracy report compares logits on calibration prompts instead.
 """
 

@@ -25,7 +25,7 @@ def cuda_fp32(tiny_dir, tmp_path_factory):
 
 def test_plan_placement_liveness_and_manifest(cuda_fp32):
     man = json.loads((cuda_fp32 / "manifest.json").read_text())
-    assert man["target"] == "cuda" and man["target_info"] == {"runtime": "mmc-cuda", "precision": "fp32", "plan_format": 1}
+    assert man["target"] == "cuda" and man["target_info"] == {"runtime": "mmc-cuda", "precision": "fp32", "plan_format": 2}
     dec = man["components"]["decoder"]
     plan = json.loads((cuda_fp32 / dec["plan"]).read_text())
     steps = plan["steps"]

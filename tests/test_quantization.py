@@ -141,6 +141,7 @@ def test_quantization_flags_are_checked(tiny_dir, tmp_path):
     for args, words in ((["--max-drop", "1"], "needs --int8"), (["--int4", "--group-size", "100"], "power of two"),
                         (["--int8", "w4a4"], "unknown quantization"), (["--int8", "--max-drop", "150"], "0 <= PCT"),
                         (["--calib", bad_jsonl], "needs --int8"), (["--quantize-lm-head"], "needs --int8"),
+                        (["--fp8", "--target", "cuda"], "the cuda target has no fp8 GEMM"),
                         (["--int8", "w8a8", "--smooth-alpha", "2"], "--smooth-alpha"),
                         (["--int8", "--calib", bad_jsonl], "bad.jsonl:2: image"),
                         (["--int8", "--calib", tmp_path / "nope.jsonl"], "no such file")):

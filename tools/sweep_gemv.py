@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--with-prologue", action="store_true",
                     help="sweep the tiles with the prologue (best_ms / best_tile are then with it)")
     ap.add_argument("--weights", default="bf16-KN,bf16-NK,int8",
-                    help="weights to time: bf16-KN (mmc.Linear's [K, N]), bf16-NK (nn.Linear's [N, K]), int8 codes")
+                    help="weights to time: bf16-KN ([K, N], mmc.Linear's layout before plan format 2), "
+                         "bf16-NK (nn.Linear's [N, K], mmc.Linear's), int8 codes")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gemv: needs a CUDA GPU", file=sys.stderr)
