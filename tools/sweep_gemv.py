@@ -62,12 +62,12 @@ def main(argv=None) -> int:
     dev, bf = "cuda", torch.bfloat16
     torch.manual_seed(0)
     results = []
-    float_tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
-                   for bn, bk, nw in itertools.product((32, 64, 128, 256), (32, 64, 128, 256), (4, 8))]
-    code_tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}
-                  for bn, bk, nw in itertools.product((8, 16, 32, 64, 128), (128, 256, 512, 1024, 2048), (4, 8))]
-    nk_tiles = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw}  # bf16 rows of K: 2 bytes a weight
-                for bn, bk, nw in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))]
+    def tiles(bns, bks):
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw} for bn, bk, nw in itertools.product(bns, bks, (4, 8))]
+
+    float_tiles = tiles((32, 64, 128, 256), (32, 64, 128, 256))
+    code_tiles = tiles((8, 16, 32, 64, 128), (128, 256, 512, 1024, 2048))
+    nk_tiles = tiles((4, 8, 16, 32), (256, 512, 1024, 2048))  # bf16 rows of K: 2 bytes a weight
     for name, (k, n, pro) in SHAPES.items():
         if not name.startswith(args.only):
             continue

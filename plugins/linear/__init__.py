@@ -34,7 +34,44 @@ def dequantized(w: np.ndarray, scale: np.ndarray, attrs: dict) -> np.ndarray:
     return (codes * s).T
 
 
-class WeightOnlyMatMul(FusedOp):
+class _GemmWithPrologue(FusedOp):
+    """What both GEMM ops share: y = P(x) @ Ŵ (+ bias), the bias just before the prologue inputs
+    (index PROLOGUE_AT - 1); a subclass gives Ŵ as float64 [K, N] (`weight64`) and as an ONNX
+    tensor (`ort_weight`)."""
+
+    PROLOGUE_AT = 0
+
+    def weight64(self, inputs, attrs) -> np.ndarray:
+        raise NotImplementedError
+
+    def ort_weight(self, emit: Emitter, node):
+        raise NotImplementedError
+
+    def reference(self, inputs, attrs):
+        x, s = prologue.apply(inputs[0], inputs[self.PROLOGUE_AT:], attrs, "reference")
+        y = x.astype(np.float64) @ self.weight64(inputs, attrs)
+        bias = _bias(inputs, self.PROLOGUE_AT - 1)
+        if bias is not None:
+            y = y + bias.astype(np.float64)
+        return [y.astype(x.dtype)] + ([s] if s is not None else [])
+
+    def infer(self, node):
+        xs, ws = prologue.gemm_rows(node), shape_of(node.inputs[1])
+        y = (dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])
+        return [y] + prologue.extra_outputs(node)
+
+    def lower_ort(self, emit: Emitter, node, opset):
+        x = prologue.lower_ort(emit, node, self.PROLOGUE_AT, opset)
+        w = self.ort_weight(emit, node)
+        bias = present(node, self.PROLOGUE_AT - 1)
+        if bias is not None:
+            (y,) = emit.op("MatMul", [x, w], 1)
+            emit.op("Add", [y, bias], [node.outputs[0]])
+        else:
+            emit.op("MatMul", [x, w], [node.outputs[0]])
+
+
+class WeightOnlyMatMul(_GemmWithPrologue):
     """Weight-only quantized GEMM: y = x @ Ŵ (+ bias) with Ŵ = codes · scale, read from int8 or packed int4.
 
     inputs:  x [..., K] (activation dtype)
@@ -62,13 +99,12 @@ by the dequantized weight.
     name = "WeightOnlyMatMul"
     PROLOGUE_AT = 4
 
-    def reference(self, inputs, attrs):
-        x, s = prologue.apply(inputs[0], inputs[self.PROLOGUE_AT:], attrs, "reference")
-        w, scale = inputs[1:3]
-        y = x.astype(np.float64) @ dequantized(w, scale, attrs)
-        if _bias(inputs) is not None:
-            y = y + inputs[3].astype(np.float64)
-        return [y.astype(x.dtype)] + ([s] if s is not None else [])
+    def weight64(self, inputs, attrs):
+        return dequantized(inputs[1], inputs[2], attrs)
+
+    def ort_weight(self, emit: Emitter, node):
+        w, scale = node.inputs[1:3]
+        return emit.const(dequantized(np.asarray(w.values), np.asarray(scale.values), node.attrs), np.float32)
 
     def torch_reference(self, inputs, attrs):
         """The prologue's op, then dequantize to x's dtype and one matmul (what the
@@ -87,20 +123,6 @@ by the dequantized weight.
         return _gpu_face(inputs, attrs, self.PROLOGUE_AT, out, w, scale, bits, lambda x: weight_only_matmul(
             x, w, scale, bits, attrs.get("group_size", 0), out=out, bias=_bias(inputs)))
 
-    def infer(self, node):
-        xs, ws = prologue.gemm_rows(node), shape_of(node.inputs[1])
-        y = (dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])
-        return [y] + prologue.extra_outputs(node)
-
-    def lower_ort(self, emit: Emitter, node, opset):
-        x = prologue.lower_ort(emit, node, self.PROLOGUE_AT, opset)
-        w, scale = node.inputs[1:3]
-        wf = dequantized(np.asarray(w.values), np.asarray(scale.values), node.attrs).astype(np.float32)
-        if present(node, 3) is not None:
-            (y,) = emit.op("MatMul", [x, emit.const(wf, np.float32)], 1)
-            emit.op("Add", [y, node.inputs[3]], [node.outputs[0]])
-        else:
-            emit.op("MatMul", [x, emit.const(wf, np.float32)], [node.outputs[0]])
 
 
 def _bias(inputs, at: int = 3):
@@ -139,7 +161,7 @@ def _torch_woq(x, inputs, attrs):
     return F.linear(x, wf.to(x.dtype), _bias(inputs))
 
 
-class Linear(FusedOp):
+class Linear(_GemmWithPrologue):
     """y = P(x) @ wᵀ (+ bias): the float GEMM of the cuda target, bias in the GEMM's epilogue.
 
     inputs:  x [..., K] (activation dtype), w [N, K] (nn.Linear's layout: each output channel's K
@@ -162,12 +184,11 @@ prologue's, then MatMul with the transposed weight (+ Add).
     name = "Linear"
     PROLOGUE_AT = 3
 
-    def reference(self, inputs, attrs):
-        x, s = prologue.apply(inputs[0], inputs[self.PROLOGUE_AT:], attrs, "reference")
-        y = x.astype(np.float64) @ inputs[1].astype(np.float64).T
-        if _bias(inputs, 2) is not None:
-            y = y + inputs[2].astype(np.float64)
-        return [y.astype(x.dtype)] + ([s] if s is not None else [])
+    def weight64(self, inputs, attrs):
+        return inputs[1].astype(np.float64).T
+
+    def ort_weight(self, emit: Emitter, node):
+        return emit.op("Transpose", [node.inputs[1]], 1, {"perm": [1, 0]})[0]
 
     writes_out = torch_writes_out = True
 
@@ -184,19 +205,6 @@ prologue's, then MatMul with the transposed weight (+ Add).
         w, bias = inputs[1], _bias(inputs, 2)
         return _gpu_face(inputs, attrs, self.PROLOGUE_AT, out, w.t(), None, 0, lambda x: _cublas(x, w, bias, out))
 
-    def infer(self, node):
-        xs, ws = prologue.gemm_rows(node), shape_of(node.inputs[1])
-        y = (dtype_of(node.inputs[0]), None if xs is None or ws is None else [*xs[:-1], ws[0]])
-        return [y] + prologue.extra_outputs(node)
-
-    def lower_ort(self, emit: Emitter, node, opset):
-        x = prologue.lower_ort(emit, node, self.PROLOGUE_AT, opset)
-        (wt,) = emit.op("Transpose", [node.inputs[1]], 1, {"perm": [1, 0]})
-        if present(node, 2) is not None:
-            (y,) = emit.op("MatMul", [x, wt], 1)
-            emit.op("Add", [y, node.inputs[2]], [node.outputs[0]])
-        else:
-            emit.op("MatMul", [x, wt], [node.outputs[0]])
 
 
 def _cublas(x, w, bias, out):
